@@ -1,0 +1,139 @@
+"""Whole-file transcription: decode incrementally, cut at silences, decode chunks in parallel, in order.
+
+Whisper sees at most 30 s at a time. Cutting blindly every 30 s splits words, so the cut goes at the quietest
+stretch of the last part of each window (Silero VAD). Chunks with no speech are never decoded, which is also
+what keeps silence and noise from turning into hallucinated text. Memory stays bounded: at most one window of
+pending audio plus the chunks in flight, whatever the file length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from stenograph.asr import Engine, Recognizer, Transcription, Word
+from stenograph.audio import SAMPLE_RATE
+from stenograph.scheduler import Priority
+from stenograph.vad import FRAME, SileroVad
+
+SPEECH_THRESHOLD = 0.5
+MIN_SPEECH_FRAMES = 3  # ~100 ms of speech before a chunk is worth decoding
+
+
+@dataclass(frozen=True)
+class Chunk:
+    offset: float  # seconds from the start of the file
+    audio: np.ndarray
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    text: str
+    words: list[Word]
+    duration: float
+
+
+class Chunker:
+    """Accumulates 16 kHz audio and emits speech-bearing chunks no longer than `max_seconds`."""
+
+    def __init__(self, vad: SileroVad, max_seconds: float) -> None:
+        self._vad = vad.stream()
+        self._max = int(max_seconds * SAMPLE_RATE) // FRAME * FRAME
+        self._audio = np.zeros(0, dtype=np.float32)
+        self._probs = np.zeros(0, dtype=np.float32)
+        self._start = 0  # sample index of self._audio[0] in the whole stream
+        self.total_samples = 0
+
+    def feed(self, samples: np.ndarray) -> Iterator[Chunk]:
+        self.total_samples += samples.size
+        self._audio = np.concatenate([self._audio, samples])
+        self._probs = np.concatenate([self._probs, self._vad.feed(samples)])
+        while self._audio.size >= self._max and self._probs.size * FRAME >= self._max:
+            yield from self._emit(self._cut_point())
+
+    def finish(self) -> Iterator[Chunk]:
+        if self._audio.size:
+            tail = self._vad.pending_samples
+            if tail:
+                pad = np.zeros(FRAME - tail, dtype=np.float32)
+                self._probs = np.concatenate([self._probs, self._vad.feed(pad)])
+            yield from self._emit(self._audio.size)
+
+    def _cut_point(self) -> int:
+        """The middle of the longest low-probability run in the second half of the window (sample index)."""
+        frames = self._max // FRAME
+        window = self._probs[frames // 2 : frames]
+        quiet = window < SPEECH_THRESHOLD - 0.15
+        best_len, best_mid, run = 0, len(window) - 1, 0
+        for i, q in enumerate(quiet):
+            run = run + 1 if q else 0
+            if run > best_len:
+                best_len, best_mid = run, i - run // 2
+        if best_len == 0:  # no pause at all: cut at the least speech-like frame
+            best_mid = int(np.argmin(window))
+        return (frames // 2 + best_mid) * FRAME
+
+    def _emit(self, cut: int) -> Iterator[Chunk]:
+        audio, probs = self._audio[:cut], self._probs[: cut // FRAME + 1]
+        self._audio, self._probs = self._audio[cut:], self._probs[cut // FRAME :]
+        offset = self._start / SAMPLE_RATE
+        self._start += cut
+        if int((probs >= SPEECH_THRESHOLD).sum()) >= MIN_SPEECH_FRAMES:
+            yield Chunk(offset, audio)
+
+
+def join_text(parts: list[str]) -> str:
+    """Whisper segments carry their own leading space; the whole transcript does not start with one."""
+    return "".join(parts).strip()
+
+
+async def transcribe_blocks(
+    engine: Engine,
+    recognizer: Recognizer,
+    blocks: Iterator[np.ndarray],
+    language: str,
+    word_timestamps: bool,
+    on_progress: Callable[[float], None] | None = None,
+) -> BatchResult:
+    """Decode `blocks` (16 kHz float32) chunk by chunk; at most `workers + 1` chunks are held at once."""
+    chunker = Chunker(engine.vad, engine.settings.batch_chunk_seconds)
+    settings = engine.settings
+    in_flight: deque[asyncio.Task[Transcription]] = deque()
+    results: list[Transcription] = []
+
+    def decode(chunk: Chunk) -> Transcription:
+        return recognizer.transcribe(chunk.audio, language, settings.beam_size, word_timestamps, chunk.offset)
+
+    async def submit(chunk: Chunk) -> None:
+        in_flight.append(asyncio.ensure_future(engine.scheduler.run(lambda: decode(chunk), Priority.BATCH)))
+        while len(in_flight) > settings.workers:
+            results.append(await in_flight.popleft())
+
+    def next_chunks() -> list[Chunk] | None:
+        block = next(blocks, None)
+        if block is None:
+            return None
+        return list(chunker.feed(block))
+
+    try:
+        while (ready := await asyncio.to_thread(next_chunks)) is not None:
+            for chunk in ready:
+                await submit(chunk)
+            if on_progress:
+                on_progress(chunker.total_samples / SAMPLE_RATE)
+        for chunk in chunker.finish():
+            await submit(chunk)
+        while in_flight:
+            results.append(await in_flight.popleft())
+    finally:
+        for task in in_flight:
+            task.cancel()
+    return BatchResult(
+        text=join_text([r.text for r in results]),
+        words=[w for r in results for w in r.words],
+        duration=chunker.total_samples / SAMPLE_RATE,
+    )

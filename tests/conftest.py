@@ -1,0 +1,94 @@
+"""Shared fixtures: the real server in a subprocess on a loopback port, eval clips, WER helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from stenograph.wer import Clip, load_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL_DIR = Path(os.environ.get("STENOGRAPH_EVAL_DIR", ROOT.parent / "shared" / "eval"))
+MODEL_DIR = Path(os.environ.get("STENOGRAPH_MODEL_DIR", ROOT / "models")).resolve()
+API_KEY = "sk_test_primary"
+SECOND_KEY = "sk_test_secondary"
+
+
+@dataclass
+class LiveServer:
+    url: str
+    ws_url: str
+    process: subprocess.Popen[str]
+    log: list[str]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(extra_env: dict[str, str] | None = None, args: list[str] | None = None) -> LiveServer:
+    """Start `stenograph serve` and return once uvicorn reports startup complete (read from its log)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "STENOGRAPH_MODEL_DIR": str(MODEL_DIR),
+        "STENOGRAPH_API_KEYS": f"{API_KEY},{SECOND_KEY}",
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stenograph", "serve", "--port", str(port), *(args or [])],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    log: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.append(line)
+        if "Application startup complete" in line:
+            break
+    else:
+        raise RuntimeError("server exited during startup:\n" + "".join(log))
+    # Keep draining the log so the pipe never fills and blocks the server.
+    import threading
+
+    threading.Thread(target=lambda: log.extend(proc.stdout or []), daemon=True).start()
+    return LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", proc, log)
+
+
+def stop_server(server: LiveServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LiveServer]:
+    srv = start_server()
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def clips() -> list[Clip]:
+    if not (EVAL_DIR / "manifest.jsonl").is_file():
+        pytest.fail(f"eval data not found at {EVAL_DIR} (set STENOGRAPH_EVAL_DIR)")
+    return load_manifest(EVAL_DIR)
+
+
+def pick(clips: list[Clip], subset: str, n: int, max_duration: float = 20.0) -> list[Clip]:
+    chosen = [c for c in clips if c.subset == subset and c.duration <= max_duration]
+    return chosen[:n]
