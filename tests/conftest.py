@@ -6,12 +6,15 @@ import os
 import socket
 import subprocess
 import sys
+import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from stenograph.audio import encode_pcm
 from stenograph.wer import Clip, load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,3 +95,13 @@ def clips() -> list[Clip]:
 def pick(clips: list[Clip], subset: str, n: int, max_duration: float = 20.0) -> list[Clip]:
     chosen = [c for c in clips if c.subset == subset and c.duration <= max_duration]
     return chosen[:n]
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
+    """16-bit mono WAV from float samples in [-1, 1], for fixtures built from eval clips or synthesized."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(encode_pcm(samples, "pcm_s16le"))
+    return path

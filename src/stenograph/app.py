@@ -1,4 +1,8 @@
-"""The ASGI application: routes, the shared engine's lifetime, and the last-resort error handler."""
+"""The ASGI application: routes, the shared engine's lifetime, and the last-resort error handler.
+
+`app.state` carries what the transports share: `engine`, `settings`, `auth` (Authenticator), `limits`
+(SessionLimiter) and `shutdown` (ShutdownCoordinator; its docstring is the contract for long sessions).
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,34 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
+from stenograph import metrics, protocol, tokens
 from stenograph.asr import Engine
 from stenograph.auth import Authenticator
 from stenograph.config import Settings
 from stenograph.errors import ApiError
-from stenograph.http_routes import BatchRoutes, error_response, new_request_id
+from stenograph.http_routes import BatchRoutes, TokenRoutes, error_response, new_request_id
+from stenograph.limits import SessionLimiter
 from stenograph.models import ModelError
+from stenograph.ws_routes import ManualStream
+from stenograph.shutdown import ShutdownCoordinator
 
 log = logging.getLogger("stenograph")
 
 
 def create_app(settings: Settings, engine: Engine | None = None, preload: bool = True) -> Starlette:
     engine = engine or Engine(settings)
-    auth = Authenticator(settings.api_keys)
-    batch = BatchRoutes(engine, auth)
+    secret = tokens.load_secret(settings.token_secret, settings.state_dir or settings.model_dir)
+    auth = Authenticator(settings.api_keys, secret)
+    limits = SessionLimiter(settings.max_sessions, settings.max_sessions_per_key)
+    shutdown = ShutdownCoordinator(limits, settings.shutdown_grace_seconds)
+    batch = BatchRoutes(engine, auth, limits)
+    access_tokens = TokenRoutes(auth, settings.token_default_ttl)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -44,23 +58,61 @@ def create_app(settings: Settings, engine: Engine | None = None, preload: bool =
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         request_id = new_request_id()
         log.exception("internal error, request %s", request_id)
+        metrics.error("internal_error")
         error = ApiError(500, "internal_error", "Internal error", f"unexpected server error (request {request_id})")
         return JSONResponse(
             {"error_code": error.error_code, "title": error.title, "message": error.message, "request_id": request_id},
             status_code=500,
         )
 
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def readyz(request: Request) -> Response:
+        """Ready = models loaded and not draining, so a load balancer stops routing here on SIGTERM."""
+        if shutdown.is_draining or not engine.ready:
+            reason = "shutting down" if shutdown.is_draining else "models loading"
+            error = ApiError(503, "not_ready", "Not ready", reason)
+            return JSONResponse(protocol.http_error_body(error, new_request_id()), status_code=503)
+        return JSONResponse({"ok": True, "active_sessions": limits.active})
+
+    async def prometheus(request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     routes = [
         Route("/", batch.status, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/access-token", access_tokens.create, methods=["POST"]),
         Route("/stt", batch.transcribe, methods=["POST"]),
         Route("/audio/transcriptions", batch.transcribe, methods=["POST"]),
         Route("/v1/audio/transcriptions", batch.transcribe, methods=["POST"]),
+        WebSocketRoute("/stt/websocket", ManualStream(engine, auth).handle),
     ]
+    if settings.metrics:
+        routes.append(Route("/metrics", prometheus, methods=["GET"]))
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                expose_headers=["X-Request-Id"],
+                max_age=600,
+            )
+        )
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={ModelError: on_model_error, ApiError: on_api_error, Exception: on_unexpected},
     )
     app.state.engine = engine
     app.state.settings = settings
+    app.state.auth = auth
+    app.state.limits = limits
+    app.state.shutdown = shutdown
     return app

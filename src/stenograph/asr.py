@@ -14,6 +14,9 @@ from pathlib import Path
 import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
+from faster_whisper.audio import pad_or_trim
+from faster_whisper.tokenizer import Tokenizer
+from faster_whisper.transcribe import Segment, TranscriptionOptions, get_suppressed_tokens
 
 from stenograph.config import Settings
 from stenograph.errors import ApiError, model_not_found
@@ -26,6 +29,16 @@ log = logging.getLogger("stenograph.asr")
 
 # API model ids that always mean Whisper base; `ink-2` is configurable.
 WHISPER_ALIASES = ("ink-whisper", "ink-whisper-2025-06-04")
+
+# Short-window decoding: the encoder sees the utterance plus this much padding instead of a fixed 30 s.
+# Below ~2 s of padding Whisper often loops or drops words; at 2 s WER matched full-window decoding on the
+# LibriSpeech eval clips while the encoder did a third of the work (benchmarks/streaming.py).
+SHORT_WINDOW_PAD_FRAMES = 200
+FULL_WINDOW_FRAMES = 3000
+# Guards that send a short-window decode back through the full 30 s window.
+MAX_COMPRESSION_RATIO = 2.4
+MAX_WORDS_PER_SECOND = 6.0
+REPEATED_PHRASE_WORDS = 5
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,7 @@ class Transcription:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What an API model id resolves to: a loadable directory and whether it is checked against the catalogue."""
+    """What an API model id resolves to: a directory, and whether its files are pinned in the catalogue."""
 
     name: str
     path: Path
@@ -81,7 +94,9 @@ class Recognizer:
             num_workers=settings.workers,
             local_files_only=True,
         )
-        self.languages: frozenset[str] | None = None if self.model.model.is_multilingual else frozenset({"en"})
+        self.languages: frozenset[str] | None = (
+            None if self.model.model.is_multilingual else frozenset({"en"})
+        )
 
     def transcribe(
         self,
@@ -110,6 +125,115 @@ class Recognizer:
                 if token:
                     words.append(Word(token, offset + w.start, offset + w.end))
         return Transcription("".join(texts), words)
+
+    def decode_utterance(
+        self,
+        audio: np.ndarray,
+        language: str,
+        beam_size: int,
+        offset: float = 0.0,
+        hotwords: str | None = None,
+        prefix: str | None = None,
+    ) -> Transcription:
+        """Low-latency decode of one utterance (< 30 s) for streaming, with word timestamps.
+
+        The encoder gets the utterance plus a little padding rather than Whisper's fixed 30 s window, which is
+        most of the cost for short audio. Whisper was trained on 30 s windows and occasionally loops on short
+        ones, so a result that looks like a loop (high compression ratio, implausible word rate) is decoded
+        again with the full window. `prefix` forces the decoder to start with already-committed text.
+        """
+        features = self.model.feature_extractor(audio)
+        frames = features.shape[-1]
+        short = min(FULL_WINDOW_FRAMES, frames + SHORT_WINDOW_PAD_FRAMES)
+        result = self._decode_window(features, short, language, beam_size, offset, hotwords, prefix)
+        if short < FULL_WINDOW_FRAMES and _looks_degenerate(result, audio.size / 16000):
+            result = self._decode_window(
+                features, FULL_WINDOW_FRAMES, language, beam_size, offset, hotwords, prefix
+            )
+        return Transcription("".join(s.text for s in result), _words(result, offset))
+
+    def _decode_window(
+        self,
+        features: np.ndarray,
+        window: int,
+        language: str,
+        beam_size: int,
+        offset: float,
+        hotwords: str | None,
+        prefix: str | None,
+    ) -> list[Segment]:
+        tokenizer = Tokenizer(
+            self.model.hf_tokenizer,
+            self.model.model.is_multilingual,
+            task="transcribe",
+            language=language if self.languages is None else "en",
+        )
+        options = _streaming_options(tokenizer, beam_size, hotwords if not prefix else None, prefix)
+        encoder_output = self.model.encode(pad_or_trim(features[:, :FULL_WINDOW_FRAMES], window))
+        segments = self.model.generate_segments(
+            features, tokenizer, options, False, encoder_output=encoder_output
+        )
+        # Without timestamp tokens the first window is one segment. Stop there: after it, faster-whisper seeks
+        # to the last word's end and decodes the trailing pause in a fresh 30 s window, which costs a full
+        # encoder pass and is where "you" and "Thank you." hallucinations come from.
+        first = next(iter(segments), None)
+        return [] if first is None else [first]
+
+
+def _streaming_options(
+    tokenizer: Tokenizer, beam_size: int, hotwords: str | None, prefix: str | None
+) -> TranscriptionOptions:
+    """Greedy-ish, single temperature, no timestamp tokens (word times come from alignment instead)."""
+    return TranscriptionOptions(
+        beam_size=beam_size,
+        best_of=1,
+        patience=1.0,
+        length_penalty=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        log_prob_threshold=-1.0,
+        no_speech_threshold=0.6,
+        compression_ratio_threshold=MAX_COMPRESSION_RATIO,
+        condition_on_previous_text=False,
+        prompt_reset_on_temperature=0.5,
+        temperatures=[0.0],
+        initial_prompt=None,
+        prefix=prefix,
+        suppress_blank=True,
+        suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
+        without_timestamps=True,
+        max_initial_timestamp=1.0,
+        word_timestamps=True,
+        prepend_punctuations="\"'“¿([{-",
+        append_punctuations="\"'.。,，!！?？:：”)]}、",
+        multilingual=False,
+        max_new_tokens=None,
+        clip_timestamps="0",
+        hallucination_silence_threshold=None,
+        hotwords=hotwords,
+    )
+
+
+def _words(segments: list[Segment], offset: float) -> list[Word]:
+    return [
+        Word(w.word.strip(), offset + w.start, offset + w.end)
+        for seg in segments
+        for w in seg.words or ()
+        if w.word.strip()
+    ]
+
+
+def _looks_degenerate(segments: list[Segment], seconds: float) -> bool:
+    """Signs of a decoder loop: repetitive text, more words than anyone speaks, or a phrase said twice."""
+    if any(seg.compression_ratio > MAX_COMPRESSION_RATIO for seg in segments):
+        return True
+    words = [w.lower().strip(".,!?;:") for seg in segments for w in seg.text.split()]
+    if len(words) > MAX_WORDS_PER_SECOND * max(seconds, 1.0):
+        return True
+    grams = [
+        tuple(words[i : i + REPEATED_PHRASE_WORDS]) for i in range(len(words) - REPEATED_PHRASE_WORDS + 1)
+    ]
+    return len(grams) != len(set(grams))
 
 
 class Engine:

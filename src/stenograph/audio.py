@@ -16,9 +16,14 @@ import soxr
 SAMPLE_RATE = 16000
 MIN_INPUT_RATE = 8000
 MAX_INPUT_RATE = 48000
+# Containers may be sampled below the wire minimum (old 6 kHz voice files), but a header claiming less than
+# this is broken or hostile: 1 Hz would turn a 32 KB upload into four and a half hours of audio to process.
+MIN_FILE_RATE = 4000
 
 ENCODINGS = ("pcm_s16le", "pcm_s32le", "pcm_f16le", "pcm_f32le", "pcm_mulaw", "pcm_alaw")
-_SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_s32le": 4, "pcm_f16le": 2, "pcm_f32le": 4, "pcm_mulaw": 1, "pcm_alaw": 1}
+_SAMPLE_WIDTH = {
+    "pcm_s16le": 2, "pcm_s32le": 4, "pcm_f16le": 2, "pcm_f32le": 4, "pcm_mulaw": 1, "pcm_alaw": 1,
+}
 
 
 class AudioError(ValueError):
@@ -146,6 +151,11 @@ def iter_file(source: str | BinaryIO, block_seconds: float = 10.0) -> Iterator[n
         if not container.streams.audio:
             raise AudioError("the file contains no audio stream")
         stream = container.streams.audio[0]
+        codec = stream.codec_context
+        if codec is None:
+            raise AudioError("the audio codec is not supported")
+        if codec.sample_rate and codec.sample_rate < MIN_FILE_RATE:
+            raise AudioError(f"sample rate {codec.sample_rate} Hz is below the minimum of {MIN_FILE_RATE} Hz")
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         pending: list[np.ndarray] = []
         pending_len = 0
@@ -153,7 +163,7 @@ def iter_file(source: str | BinaryIO, block_seconds: float = 10.0) -> Iterator[n
         try:
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    arr = out.to_ndarray().reshape(-1)
+                    arr = _finite(out.to_ndarray().reshape(-1))
                     pending.append(arr)
                     pending_len += arr.size
                     decoded_any = True
@@ -162,7 +172,7 @@ def iter_file(source: str | BinaryIO, block_seconds: float = 10.0) -> Iterator[n
                     yield joined[:block]
                     pending, pending_len = [joined[block:]], joined.size - block
             for out in resampler.resample(None):
-                arr = out.to_ndarray().reshape(-1)
+                arr = _finite(out.to_ndarray().reshape(-1))
                 pending.append(arr)
                 pending_len += arr.size
         except (av.FFmpegError, ValueError) as exc:
@@ -181,6 +191,12 @@ def read_file(source: str | BinaryIO) -> np.ndarray:
     return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
 
 
+def _finite(samples: np.ndarray) -> np.ndarray:
+    """Float files can carry NaN, inf or values far outside [-1, 1]; the models expect neither."""
+    return np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0).clip(-1.0, 1.0)
+
+
 def _short(exc: Exception) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
+    """FFmpeg's own reason ("Invalid data found when processing input"), without errno and file noise."""
+    text = (exc.strerror if isinstance(exc, av.FFmpegError) and exc.strerror else str(exc)).strip()
+    return (text or type(exc).__name__).splitlines()[0][:200]

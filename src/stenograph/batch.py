@@ -18,7 +18,7 @@ import numpy as np
 from stenograph.asr import Engine, Recognizer, Transcription, Word
 from stenograph.audio import SAMPLE_RATE
 from stenograph.scheduler import Priority
-from stenograph.vad import FRAME, SileroVad
+from stenograph.vad import FRAME, SileroVad, quietest_cut
 
 SPEECH_THRESHOLD = 0.5
 MIN_SPEECH_FRAMES = 3  # ~100 ms of speech before a chunk is worth decoding
@@ -64,18 +64,9 @@ class Chunker:
             yield from self._emit(self._audio.size)
 
     def _cut_point(self) -> int:
-        """The middle of the longest low-probability run in the second half of the window (sample index)."""
+        """Sample index of the cut: inside the longest pause in the second half of the window."""
         frames = self._max // FRAME
-        window = self._probs[frames // 2 : frames]
-        quiet = window < SPEECH_THRESHOLD - 0.15
-        best_len, best_mid, run = 0, len(window) - 1, 0
-        for i, q in enumerate(quiet):
-            run = run + 1 if q else 0
-            if run > best_len:
-                best_len, best_mid = run, i - run // 2
-        if best_len == 0:  # no pause at all: cut at the least speech-like frame
-            best_mid = int(np.argmin(window))
-        return (frames // 2 + best_mid) * FRAME
+        return quietest_cut(self._probs, frames // 2, frames) * FRAME
 
     def _emit(self, cut: int) -> Iterator[Chunk]:
         audio, probs = self._audio[:cut], self._probs[: cut // FRAME + 1]

@@ -34,9 +34,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from stenograph.app import create_app
+    from stenograph.shutdown import serve
 
     settings = _settings(args)
     if not settings.api_keys:
@@ -47,8 +46,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             )
         print(f"stenograph: no API keys configured, serving without authentication on {settings.host}",
               file=sys.stderr)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, ws_max_size=1 << 20)
+    try:
+        serve(create_app(settings), settings, args.log_level)
+    except ValueError as exc:  # a setting the app refuses (e.g. a malformed key or log format)
+        sys.exit(f"error: {exc}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -34,7 +34,7 @@ class Settings:
     port: int = 8000
     # Refuse to listen beyond loopback without API keys unless this is set.
     allow_open: bool = False
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     model_dir: Path = Path("models")
     # Which catalogue model (or extra model name) serves `ink-2`; `ink-whisper*` is always whisper-base.
     ink2_model: str = "whisper-base"
@@ -51,7 +51,31 @@ class Settings:
     max_upload_bytes: int = 200 * 1024 * 1024
     max_queued_jobs: int = 64
     batch_chunk_seconds: float = 28.0
+    # Concurrent STT streams (each batch request or WebSocket session is one); 0 = unlimited.
+    max_sessions: int = 32
+    max_sessions_per_key: int = 0
+    max_frame_bytes: int = 1 << 20  # largest WebSocket message
+    max_keyterms: int = 100  # per session, and at most max_keyterm_chars characters in total
+    max_keyterm_chars: int = 1200
+    max_session_seconds: float = 4 * 3600.0  # wall-clock length of one WebSocket session
+    # On SIGTERM, how long open sessions get to deliver their pending finals before they are closed.
+    shutdown_grace_seconds: float = 30.0
+    # Access tokens: HS256 secret (empty: generated once into <state_dir>/token-secret), default lifetime.
+    token_secret: str = field(default="", repr=False)
+    state_dir: Path | None = None  # None: the model directory
+    token_default_ttl: int = 60
+    # Browser origins allowed by CORS ("*" for any); none by default.
+    cors_origins: tuple[str, ...] = ()
+    metrics: bool = True  # serve Prometheus text at /metrics
+    log_format: str = "text"  # text | json (one object per line, with request_id)
     api_version: str = DEFAULT_API_VERSION
+    # Streaming (`/stt/websocket`): defaults for the query parameters and the latency/accuracy knobs.
+    idle_timeout: float = 180.0  # seconds without any inbound frame before the session is closed
+    stream_min_volume: float = 0.0  # frame RMS below this is silence whatever the VAD says
+    stream_max_silence: float = 1.0  # auto-finalize after this much silence following speech
+    stream_interim_interval: float = 1.0  # seconds of new audio between interim decodes
+    stream_max_backlog: float = 120.0  # seconds of untranscribed audio a session may queue
+    stream_beam_size: int = 1
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -80,7 +104,7 @@ def _coerce(name: str, type_name: object, raw: str) -> object:
             return int(raw)
         if kind == "float":
             return float(raw)
-        if kind == "Path":
+        if kind in {"Path", "Path | None"}:
             return Path(raw)
         if kind.startswith("tuple"):
             return _split_csv(raw)

@@ -17,7 +17,9 @@ class ApiError(Exception):
         return f"{self.title}: {self.message}"
 
 
-def bad_request(message: str, error_code: str = "invalid_request", title: str = "Invalid request") -> ApiError:
+def bad_request(
+    message: str, error_code: str = "invalid_request", title: str = "Invalid request"
+) -> ApiError:
     return ApiError(400, error_code, title, message)
 
 

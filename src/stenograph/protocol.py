@@ -13,9 +13,10 @@ from stenograph.errors import ApiError, bad_request
 
 # ink-whisper's languages (ISO-639-1 plus haw and yue), as the official SDK enumerates them.
 WHISPER_LANGUAGES = frozenset(
-    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt "
-    "la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af oc "
-    "ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue".split()
+    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th "
+    "ur hr bg lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr "
+    "pa si km sn yo so af oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt "
+    "haw ln ha ba jw su yue".split()
 )
 
 
@@ -98,7 +99,9 @@ def parse_float(params: Mapping[str, str], name: str, default: float, lo: float,
     except ValueError:
         raise bad_request(f"{name} must be a number, got {raw!r}", title="Invalid parameter") from None
     if not (lo <= value <= hi):
-        raise bad_request(f"{name} must be between {lo:g} and {hi:g}, got {value:g}", title="Invalid parameter")
+        raise bad_request(
+            f"{name} must be between {lo:g} and {hi:g}, got {value:g}", title="Invalid parameter"
+        )
     return value
 
 
@@ -113,7 +116,9 @@ def parse_int(params: Mapping[str, str], name: str, default: int | None, lo: int
     except ValueError:
         raise bad_request(f"{name} must be an integer, got {raw!r}", title="Invalid parameter") from None
     if value != int(value) or not (lo <= value <= hi):
-        raise bad_request(f"{name} must be an integer from {lo} to {hi}, got {raw}", title="Invalid parameter")
+        raise bad_request(
+            f"{name} must be an integer from {lo} to {hi}, got {raw}", title="Invalid parameter"
+        )
     return int(value)
 
 
@@ -125,8 +130,9 @@ def parse_encoding(params: Mapping[str, str], encodings: Iterable[str], required
         return None
     allowed = list(encodings)
     if raw not in allowed:
-        raise bad_request(f"encoding {raw!r} is not supported; use one of: {', '.join(allowed)}",
-                          title="Invalid parameter")
+        raise bad_request(
+            f"encoding {raw!r} is not supported; use one of: {', '.join(allowed)}", title="Invalid parameter"
+        )
     return raw
 
 

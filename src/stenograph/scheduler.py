@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from stenograph import metrics
 from stenograph.errors import overloaded
 
 
@@ -83,8 +84,10 @@ class Scheduler:
             # Finals are never refused: they are bounded by the number of sessions, which is capped upstream.
             if priority != Priority.FINAL and len(self._heap) >= self.max_queued:
                 self.stats.rejected += 1
+                metrics.job(Priority(priority).name.lower(), "rejected")
                 raise overloaded("the transcription queue is full; retry shortly")
             heapq.heappush(self._heap, _Job(priority, next(self._seq), fn, future, loop, stale, time.monotonic()))
+            metrics.queue_depth(len(self._heap))
             self._cond.notify()
         return await future
 
@@ -103,19 +106,25 @@ class Scheduler:
                 if self._closed and not self._heap:
                     return
                 job = heapq.heappop(self._heap)
+                metrics.queue_depth(len(self._heap))
             started = time.monotonic()
+            priority = Priority(job.priority).name.lower()
             if job.future.cancelled():
                 continue
             if job.stale is not None and job.stale():
                 self.stats.skipped += 1
+                metrics.job(priority, "skipped", wait=started - job.enqueued)
                 job.loop.call_soon_threadsafe(_set_exception, job.future, JobSkipped())
                 continue
             try:
                 result = job.fn()
             except BaseException as exc:  # delivered to the awaiting coroutine, which owns error handling
                 job.loop.call_soon_threadsafe(_set_exception, job.future, exc)
+                outcome = "failed"
             else:
                 job.loop.call_soon_threadsafe(_set_result, job.future, result)
+                outcome = "completed"
+            metrics.job(priority, outcome, wait=started - job.enqueued, run=time.monotonic() - started)
             self.stats.completed += 1
             self.stats.wait_seconds_total += started - job.enqueued
             self.stats.run_seconds_total += time.monotonic() - started

@@ -22,7 +22,9 @@ class SileroVad:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         self._sr = np.array(16000, dtype=np.int64)
 
     def stream(self) -> VadStream:
@@ -94,3 +96,20 @@ def speech_regions(
         regions.append((start, len(probs) - silent))
     n = len(probs)
     return [(max(0, s - pad_frames), min(n, e + pad_frames)) for s, e in regions]
+
+
+def quietest_cut(probs: np.ndarray, lo: int, hi: int, threshold: float = 0.35) -> int:
+    """Frame index in [lo, hi) to cut a long stretch of audio: the middle of the longest quiet run.
+
+    Cutting inside a pause keeps every word whole on one side of the seam; with no pause at all, the least
+    speech-like frame is the best remaining choice.
+    """
+    window = probs[lo:hi]
+    best_len, best_mid, run = 0, len(window) - 1, 0
+    for i, quiet in enumerate(window < threshold):
+        run = run + 1 if quiet else 0
+        if run > best_len:
+            best_len, best_mid = run, i - run // 2
+    if best_len == 0:
+        best_mid = int(np.argmin(window))
+    return lo + best_mid

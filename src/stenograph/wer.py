@@ -11,12 +11,27 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-_SMALL = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
-         "sixteen seventeen eighteen nineteen".split()
+_SMALL = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen".split()
+)
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-_SPELLING = {"colour": "color", "honour": "honor", "favour": "favor", "labour": "labor", "neighbour": "neighbor",
-             "dishonoured": "dishonored", "honoured": "honored", "mr": "mister", "mrs": "missus", "dr": "doctor",
-             "okay": "ok", "grey": "gray", "centre": "center", "theatre": "theater"}
+_SPELLING = {
+    "colour": "color",
+    "honour": "honor",
+    "favour": "favor",
+    "labour": "labor",
+    "neighbour": "neighbor",
+    "dishonoured": "dishonored",
+    "honoured": "honored",
+    "mr": "mister",
+    "mrs": "missus",
+    "dr": "doctor",
+    "okay": "ok",
+    "grey": "gray",
+    "centre": "center",
+    "theatre": "theater",
+}
 
 
 def _number_words(n: int) -> str:
@@ -90,6 +105,15 @@ def load_manifest(eval_dir: Path) -> list[Clip]:
     clips = []
     for line in (eval_dir / "manifest.jsonl").read_text().splitlines():
         row = json.loads(line)
-        clips.append(Clip(row["id"], eval_dir / row["audio"], row["text"], row["duration_s"], row["language"],
-                          row["subset"], row["speaker"]))
+        clips.append(
+            Clip(
+                row["id"],
+                eval_dir / row["audio"],
+                row["text"],
+                row["duration_s"],
+                row["language"],
+                row["subset"],
+                row["speaker"],
+            )
+        )
     return clips

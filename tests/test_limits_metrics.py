@@ -1,0 +1,238 @@
+"""Concurrency caps, Prometheus metrics, health probes, CORS, and graceful shutdown, on the live server.
+
+A batch request is held open deterministically by streaming its upload from a generator that stops halfway
+and waits on an event: the server admits the request (and takes its slot) as soon as the headers arrive, and
+the test sees that happen in `/metrics` before it goes on.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import cartesia
+import httpx
+import pytest
+from cartesia import Cartesia
+from prometheus_client.parser import text_string_to_metric_families
+
+from stenograph.wer import Clip, wer
+from tests.conftest import API_KEY, SECOND_KEY, LiveServer, start_server, stop_server
+
+ORIGIN = "http://app.example"
+WAIT_SECONDS = 60
+
+
+@pytest.fixture(scope="module")
+def limited() -> Iterator[LiveServer]:
+    """Two streams in all, one per key; CORS open to one origin."""
+    srv = start_server(
+        {
+            "STENOGRAPH_MAX_SESSIONS": "2",
+            "STENOGRAPH_MAX_SESSIONS_PER_KEY": "1",
+            "STENOGRAPH_CORS_ORIGINS": ORIGIN,
+        }
+    )
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def clip(clips: list[Clip]) -> Clip:
+    return min((c for c in clips if c.subset == "librispeech_test_clean"), key=lambda c: c.duration)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = httpx.get(url + "/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    return scrape(url).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll an observable server state (a metric, a log line) until it holds; fail after WAIT_SECONDS."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class HeldUpload:
+    """A batch request whose upload stops halfway until `release()`; the response arrives in `result`."""
+
+    def __init__(self, url: str, clip: Clip, headers: dict[str, str]) -> None:
+        boundary = uuid.uuid4().hex
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nink-whisper\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{clip.path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        audio = clip.path.read_bytes()
+        self._first = head + audio[: len(audio) // 2]
+        self._rest = audio[len(audio) // 2 :] + f"\r\n--{boundary}--\r\n".encode()
+        self._gate = threading.Event()
+        self._pool = ThreadPoolExecutor(1)
+        self.result: Future[httpx.Response] = self._pool.submit(
+            httpx.post,
+            url + "/stt",
+            content=self._body(),
+            headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+            timeout=WAIT_SECONDS,
+        )
+
+    def _body(self) -> Iterator[bytes]:
+        yield self._first
+        if not self._gate.wait(WAIT_SECONDS):
+            raise TimeoutError("the test never released the upload")
+        yield self._rest
+
+    def release(self) -> httpx.Response:
+        self._gate.set()
+        response = self.result.result(WAIT_SECONDS)
+        self._pool.shutdown()
+        return response
+
+
+def post_clip(url: str, clip: Clip, headers: dict[str, str]) -> httpx.Response:
+    with clip.path.open("rb") as fh:
+        return httpx.post(
+            url + "/stt",
+            headers=headers,
+            files={"file": fh},
+            data={"model": "ink-whisper"},
+            timeout=WAIT_SECONDS,
+        )
+
+
+def assert_limited(response: httpx.Response, says: str) -> None:
+    assert response.status_code == 429, response.text
+    body = response.json()
+    assert body["error_code"] == "concurrency_limited"
+    assert says in body["message"]
+    assert response.headers["retry-after"] == "1"
+    assert body["request_id"] == response.headers["x-request-id"]
+
+
+def test_session_caps_refuse_with_429_and_recover(limited: LiveServer, clip: Clip) -> None:
+    key_a = {"Authorization": f"Bearer {API_KEY}"}
+    key_b = {"X-API-Key": SECOND_KEY}
+    minted = httpx.post(limited.url + "/access-token", headers=key_a, json={"grants": {"stt": True}})
+    token_a = {"Authorization": f"Bearer {minted.json()['token']}"}
+    active = lambda: metric(limited.url, "stenograph_active_sessions", endpoint="batch")  # noqa: E731
+
+    first = HeldUpload(limited.url, clip, key_a)
+    wait_until(lambda: active() == 1, "the held request to be admitted")
+    # Per key: key A is at its cap, whether it comes as the key or as a token the key minted.
+    assert_limited(post_clip(limited.url, clip, key_a), "this API key")
+    assert_limited(post_clip(limited.url, clip, token_a), "this API key")
+    # The official SDK surfaces it as its RateLimitError.
+    sdk = Cartesia(api_key=API_KEY, base_url=limited.url, max_retries=0)
+    with clip.path.open("rb") as fh, pytest.raises(cartesia.RateLimitError):
+        sdk.stt.transcribe(file=fh, model="ink-whisper")
+
+    second = HeldUpload(limited.url, clip, key_b)
+    wait_until(lambda: active() == 2, "the second held request to be admitted")
+    # Globally: two streams are open, so even a fresh key is refused.
+    assert_limited(post_clip(limited.url, clip, key_b), "the server")
+
+    for held in (first, second):
+        response = held.release()
+        assert response.status_code == 200, response.text
+        assert wer(clip.text, response.json()["text"]) < 0.15
+    assert active() == 0
+    # Slots are back: both keys transcribe again.
+    for headers in (key_a, key_b):
+        assert post_clip(limited.url, clip, headers).status_code == 200
+
+
+def test_metrics_move_with_traffic(limited: LiveServer, clip: Clip) -> None:
+    before = scrape(limited.url)
+    assert post_clip(limited.url, clip, {"X-API-Key": API_KEY}).status_code == 200
+    assert post_clip(limited.url, clip, {"X-API-Key": "sk_wrong"}).status_code == 401
+    after = scrape(limited.url)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("stenograph_sessions_total", endpoint="batch") == 1
+    assert delta("stenograph_audio_seconds_total", endpoint="batch") == pytest.approx(clip.duration, abs=0.05)
+    assert delta("stenograph_model_call_seconds_count", priority="batch") >= 1
+    assert delta("stenograph_model_call_seconds_sum", priority="batch") > 0
+    assert delta("stenograph_scheduler_wait_seconds_count", priority="batch") >= 1
+    assert delta("stenograph_scheduler_jobs_total", outcome="completed", priority="batch") >= 1
+    assert delta("stenograph_errors_total", code="unauthorized") == 1
+    assert after[("stenograph_scheduler_queue_depth", ())] == 0
+    # Every endpoint is exported from the start, and latency histograms exist for the streaming code to fill.
+    for endpoint in ("batch", "websocket", "turns"):
+        assert ("stenograph_active_sessions", (("endpoint", endpoint),)) in after
+    assert ("stenograph_turn_end_latency_seconds_count", ()) in after
+
+
+def test_health_and_readiness(limited: LiveServer) -> None:
+    health = httpx.get(limited.url + "/healthz")
+    assert health.status_code == 200 and health.json() == {"ok": True}
+    ready = httpx.get(limited.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["ok"] is True
+
+
+def test_cors_preflight_for_a_configured_origin(limited: LiveServer, server: LiveServer, clip: Clip) -> None:
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, cartesia-version",
+    }
+    allowed = httpx.options(limited.url + "/stt", headers=preflight)
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+
+    other = httpx.options(limited.url + "/stt", headers={**preflight, "Origin": "http://evil.example"})
+    assert other.status_code == 400
+    assert "access-control-allow-origin" not in other.headers
+
+    # The actual request carries the header too, and exposes the request id to the page.
+    response = post_clip(limited.url, clip, {"X-API-Key": API_KEY, "Origin": ORIGIN})
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+
+    # By default no origin is allowed.
+    default = httpx.options(server.url + "/stt", headers=preflight)
+    assert "access-control-allow-origin" not in default.headers
+
+
+def test_sigterm_lets_an_inflight_batch_request_finish(clip: Clip) -> None:
+    srv = start_server({"STENOGRAPH_SHUTDOWN_GRACE_SECONDS": "60"})
+    try:
+        held = HeldUpload(srv.url, clip, {"X-API-Key": API_KEY})
+        wait_until(lambda: metric(srv.url, "stenograph_active_sessions", endpoint="batch") == 1, "admission")
+        srv.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: any("waiting up to 60 s for 1 stream" in line for line in srv.log), "the drain")
+        # No new connections once the drain has begun.
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(srv.url + "/healthz", timeout=5)
+
+        response = held.release()
+        assert response.status_code == 200, response.text
+        assert wer(clip.text, response.json()["text"]) < 0.15, response.json()["text"]
+        # uvicorn re-raises the signal once shut down, so the exit status is SIGTERM's.
+        assert srv.process.wait(timeout=WAIT_SECONDS) in {0, -signal.SIGTERM}
+        log = "".join(srv.log)
+        assert "all streams finished" in log and "Application shutdown complete" in log
+    finally:
+        stop_server(srv)
