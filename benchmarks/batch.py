@@ -103,7 +103,7 @@ class Server:
             "--cpu-threads",
             str(cpu_threads),
             "--log-level",
-            "warning",
+            "info",
         ]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "stenograph", "serve", *args],

@@ -59,7 +59,7 @@ def start_server(extra_env: dict[str, str] | None = None, args: list[str] | None
     assert proc.stdout is not None
     for line in proc.stdout:
         log.append(line)
-        if "Application startup complete" in line:
+        if "Uvicorn running on" in line:  # logged once the socket listens (startup completes before)
             break
     else:
         raise RuntimeError("server exited during startup:\n" + "".join(log))
@@ -80,7 +80,8 @@ def stop_server(server: LiveServer) -> None:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[LiveServer]:
-    srv = start_server()
+    # The live-captions page mints its own `stt` tokens (keyed servers need this opt-in for that).
+    srv = start_server({"STENOGRAPH_APP_TOKENS": "true"})
     yield srv
     stop_server(srv)
 

@@ -15,10 +15,14 @@ from pathlib import Path
 
 import cartesia
 import httpx
+import numpy as np
 import pytest
+import websockets
 from cartesia import Cartesia
 
 from stenograph import tokens
+from stenograph.audio import iter_file
+from stenograph.client import stream_audio, ws_url
 from stenograph.wer import Clip, wer
 from tests.conftest import API_KEY, SECOND_KEY, LiveServer, start_server, stop_server
 
@@ -246,3 +250,40 @@ def test_open_server_mints_and_still_verifies_tokens(tmp_path: Path, clip: Clip)
         assert wer(clip.text, response.json()["text"]) < 0.15
     finally:
         stop_server(srv)
+
+
+# -- the WebSocket handshake applies the same rules, before any audio is read -----------------------------
+
+STREAM = {"model": "ink-whisper", "encoding": "pcm_s16le", "sample_rate": "16000", "language": "en"}
+
+
+def samples(clip: Clip) -> np.ndarray:
+    return np.concatenate(list(iter_file(str(clip.path))))
+
+
+async def test_websocket_accepts_a_token_in_the_query(secured: LiveServer, clip: Clip) -> None:
+    token = mint(secured.url, API_KEY, {"grants": {"stt": True}}).json()["token"]
+    url = ws_url(secured.url, "/stt/websocket", {**STREAM, "access_token": token})
+    async with websockets.connect(url) as ws:
+        result = await stream_audio(ws, samples(clip), realtime=False)
+    assert result.close_code == 1000
+    assert wer(clip.text, result.transcript) < 0.15, result.transcript
+
+
+@pytest.mark.parametrize("kind", ["expired", "tampered", "alg-none", "no-stt-grant", "missing", "wrong-key"])
+async def test_websocket_handshake_refuses_bad_credentials(secured: LiveServer, kind: str) -> None:
+    if kind == "missing":
+        params, status, code = {}, 401, "unauthorized"
+    elif kind == "wrong-key":
+        params, status, code = {"api_key": "sk_wrong"}, 401, "unauthorized"
+    else:
+        token, status, code, _ = bad_tokens()[kind]
+        params = {"access_token": token}
+    url = ws_url(secured.url, "/stt/websocket", {**STREAM, **params})
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(url):
+            pass
+    response = refused.value.response
+    assert response.status_code == status
+    body = json.loads(response.body)
+    assert set(body) >= ERROR_FIELDS and body["error_code"] == code

@@ -7,6 +7,9 @@ the test sees that happen in `/metrics` before it goes on.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import signal
 import threading
 import time
@@ -16,10 +19,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import cartesia
 import httpx
+import numpy as np
 import pytest
+import websockets
 from cartesia import Cartesia
 from prometheus_client.parser import text_string_to_metric_families
 
+from stenograph.audio import iter_file
+from stenograph.client import to_wire, ws_url
 from stenograph.wer import Clip, wer
 from tests.conftest import API_KEY, SECOND_KEY, LiveServer, start_server, stop_server
 
@@ -182,6 +189,21 @@ def test_metrics_move_with_traffic(limited: LiveServer, clip: Clip) -> None:
     assert ("stenograph_turn_end_latency_seconds_count", ()) in after
 
 
+def test_a_stalled_upload_times_out_and_frees_its_slot(clip: Clip) -> None:
+    srv = start_server({"STENOGRAPH_MAX_SESSIONS": "1", "STENOGRAPH_UPLOAD_IDLE_TIMEOUT": "1"})
+    try:
+        stalled = HeldUpload(srv.url, clip, {"X-API-Key": API_KEY})
+        # The upload stops halfway and is never resumed: the server gives up on it and takes its slot back.
+        wait_until(lambda: metric(srv.url, "stenograph_errors_total", code="idle_timeout") == 1, "the 408")
+        assert metric(srv.url, "stenograph_active_sessions", endpoint="batch") == 0
+        response = post_clip(srv.url, clip, {"X-API-Key": API_KEY})
+        assert response.status_code == 200, response.text
+        with contextlib.suppress(httpx.HTTPError):  # the server may have closed the stalled connection
+            assert stalled.release().status_code == 408
+    finally:
+        stop_server(srv)
+
+
 def test_health_and_readiness(limited: LiveServer) -> None:
     health = httpx.get(limited.url + "/healthz")
     assert health.status_code == 200 and health.json() == {"ok": True}
@@ -234,5 +256,71 @@ def test_sigterm_lets_an_inflight_batch_request_finish(clip: Clip) -> None:
         assert srv.process.wait(timeout=WAIT_SECONDS) in {0, -signal.SIGTERM}
         log = "".join(srv.log)
         assert "all streams finished" in log and "Application shutdown complete" in log
+    finally:
+        stop_server(srv)
+
+
+# -- WebSocket sessions --------------------------------------------------------------------------------------
+
+STREAM = {"model": "ink-whisper", "encoding": "pcm_s16le", "sample_rate": "16000", "language": "en"}
+# Pending until the WebSocket route holds `app.state.limits.session(principal, "websocket")` per session,
+# reports `metrics.audio_seconds(seconds, "websocket")` per frame, and closes with 1001 once
+# `app.state.shutdown.draining` is set. Strict: when the hooks are in, these pass and the marker must go.
+WS_HOOKS_PENDING = pytest.mark.xfail(strict=True, reason="the WebSocket route does not call the hooks yet")
+
+
+def pcm16(clip: Clip) -> list[bytes]:
+    audio = np.concatenate(list(iter_file(str(clip.path))))
+    return [to_wire(audio[i : i + 1600], "pcm_s16le", 16000) for i in range(0, audio.size, 1600)]
+
+
+@WS_HOOKS_PENDING
+async def test_websocket_sessions_count_against_the_caps(limited: LiveServer, clip: Clip) -> None:
+    url = ws_url(limited.url, "/stt/websocket", {**STREAM, "api_key": API_KEY})
+    async with websockets.connect(url) as first:
+        assert metric(limited.url, "stenograph_active_sessions", endpoint="websocket") == 1
+        # Key A's only slot is taken: another session, or a batch request, with that key is refused.
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(url):
+                pass
+        assert refused.value.response.status_code == 429
+        assert json.loads(refused.value.response.body)["error_code"] == "concurrency_limited"
+        assert_limited(post_clip(limited.url, clip, {"X-API-Key": API_KEY}), "this API key")
+
+        for piece in pcm16(clip):
+            await first.send(piece)
+        await first.send("close")
+        events = [json.loads(message) async for message in first]
+    finals = "".join(e["text"] for e in events if e["type"] == "transcript" and e["is_final"])
+    assert wer(clip.text, finals) < 0.15
+    await asyncio.to_thread(
+        wait_until,
+        lambda: metric(limited.url, "stenograph_active_sessions", endpoint="websocket") == 0,
+        "release",
+    )
+    assert post_clip(limited.url, clip, {"X-API-Key": API_KEY}).status_code == 200
+
+
+@WS_HOOKS_PENDING
+async def test_sigterm_delivers_pending_finals_then_closes_1001(clip: Clip) -> None:
+    srv = start_server({"STENOGRAPH_SHUTDOWN_GRACE_SECONDS": "60"})
+    try:
+        url = ws_url(srv.url, "/stt/websocket", {**STREAM, "api_key": API_KEY})
+        async with websockets.connect(url) as ws:
+            assert metric(srv.url, "stenograph_active_sessions", endpoint="websocket") == 1
+            for piece in pcm16(clip):
+                await ws.send(piece)
+            # Everything sent has been taken in (no `finalize`, no `close`): now the server is told to stop.
+            received = lambda: metric(srv.url, "stenograph_audio_seconds_total", endpoint="websocket")  # noqa: E731
+            await asyncio.to_thread(
+                wait_until, lambda: received() >= clip.duration - 0.01, "all audio received"
+            )
+            srv.process.send_signal(signal.SIGTERM)
+            events = [json.loads(message) async for message in ws]
+            assert ws.close_code == 1001
+        finals = "".join(e["text"] for e in events if e["type"] == "transcript" and e["is_final"])
+        assert wer(clip.text, finals) < 0.15, finals
+        assert srv.process.wait(timeout=WAIT_SECONDS) in {0, -signal.SIGTERM}
+        assert "all streams finished" in "".join(srv.log)
     finally:
         stop_server(srv)

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from stenograph import metrics, protocol, tokens
+from stenograph import metrics, protocol, tokens, web_routes
 from stenograph.asr import Engine
 from stenograph.auth import Authenticator
 from stenograph.config import Settings
@@ -25,6 +25,7 @@ from stenograph.errors import ApiError
 from stenograph.http_routes import BatchRoutes, TokenRoutes, error_response, new_request_id
 from stenograph.limits import SessionLimiter
 from stenograph.models import ModelError
+from stenograph.turn_routes import TurnStream
 from stenograph.ws_routes import ManualStream
 from stenograph.shutdown import ShutdownCoordinator
 
@@ -38,7 +39,7 @@ def create_app(settings: Settings, engine: Engine | None = None, preload: bool =
     limits = SessionLimiter(settings.max_sessions, settings.max_sessions_per_key)
     shutdown = ShutdownCoordinator(limits, settings.shutdown_grace_seconds)
     batch = BatchRoutes(engine, auth, limits)
-    access_tokens = TokenRoutes(auth, settings.token_default_ttl)
+    access_tokens = TokenRoutes(auth, settings.token_default_ttl, settings.upload_idle_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -88,8 +89,10 @@ def create_app(settings: Settings, engine: Engine | None = None, preload: bool =
         Route("/stt", batch.transcribe, methods=["POST"]),
         Route("/audio/transcriptions", batch.transcribe, methods=["POST"]),
         Route("/v1/audio/transcriptions", batch.transcribe, methods=["POST"]),
-        WebSocketRoute("/stt/websocket", ManualStream(engine, auth).handle),
+        WebSocketRoute("/stt/websocket", ManualStream(engine, auth, limits, shutdown).handle),
+        WebSocketRoute("/stt/turns/websocket", TurnStream(engine, auth).handle),
     ]
+    routes.extend(web_routes.routes(auth, settings.app_tokens, settings.app_token_ttl))
     if settings.metrics:
         routes.append(Route("/metrics", prometheus, methods=["GET"]))
     middleware = []

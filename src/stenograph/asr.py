@@ -23,6 +23,7 @@ from stenograph.errors import ApiError, model_not_found
 from stenograph.models import CATALOGUE, ModelError, verify
 from stenograph.protocol import WHISPER_LANGUAGES
 from stenograph.scheduler import Scheduler
+from stenograph.smart_turn import SmartTurn
 from stenograph.vad import SileroVad
 
 log = logging.getLogger("stenograph.asr")
@@ -243,6 +244,7 @@ class Engine:
         self._recognizers: dict[str, Recognizer] = {}
         self._load_lock = threading.Lock()
         self._vad: SileroVad | None = None
+        self._smart_turn: SmartTurn | None = None
 
     # -- model ids ---------------------------------------------------------------------------------------
 
@@ -287,9 +289,18 @@ class Engine:
                 self._vad = SileroVad(verify(CATALOGUE["silero-vad"], self.settings.model_dir))
             return self._vad
 
+    @property
+    def smart_turn(self) -> SmartTurn:
+        with self._load_lock:
+            if self._smart_turn is None:
+                path = verify(CATALOGUE["smart-turn-v3.2"], self.settings.model_dir)
+                self._smart_turn = SmartTurn(path, self.settings.turn_threads)
+            return self._smart_turn
+
     def preload(self, model_ids: list[str]) -> None:
         """Load (and hash-check) models up front so the first request doesn't pay for it."""
         _ = self.vad
+        _ = self.smart_turn
         for model_id in model_ids:
             self.recognizer(model_id)
 

@@ -128,7 +128,9 @@ class PcmDecoder:
         """Drain the resampler's delay line (call at the end of the stream or before a final decode)."""
         if self._resampler is None:
             return np.zeros(0, dtype=np.float32)
-        return self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        self._resampler.clear()  # a drained soxr stream refuses more input; audio may follow a finalize
+        return tail
 
 
 def resample(samples: np.ndarray, rate: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from stenograph.vad import FRAME, SileroVad, quietest_cut
 
 SPEECH_THRESHOLD = 0.5
 MIN_SPEECH_FRAMES = 3  # ~100 ms of speech before a chunk is worth decoding
+FINISH_STEP = 16 * FRAME  # VAD increments while looking for speech in the last chunk (0.5 s)
 
 
 @dataclass(frozen=True)
@@ -44,24 +45,40 @@ class Chunker:
         self._vad = vad.stream()
         self._max = int(max_seconds * SAMPLE_RATE) // FRAME * FRAME
         self._audio = np.zeros(0, dtype=np.float32)
-        self._probs = np.zeros(0, dtype=np.float32)
+        self._probs = np.zeros(0, dtype=np.float32)  # per frame of self._audio, only as far as analysed
+        self._fed = 0  # samples of self._audio given to the VAD so far
         self._start = 0  # sample index of self._audio[0] in the whole stream
         self.total_samples = 0
 
     def feed(self, samples: np.ndarray) -> Iterator[Chunk]:
         self.total_samples += samples.size
         self._audio = np.concatenate([self._audio, samples])
-        self._probs = np.concatenate([self._probs, self._vad.feed(samples)])
-        while self._audio.size >= self._max and self._probs.size * FRAME >= self._max:
+        while self._audio.size >= self._max:
+            self._analyse(self._max)
             yield from self._emit(self._cut_point())
 
     def finish(self) -> Iterator[Chunk]:
+        """The last chunk needs no cut, only a yes or no on speech, so the VAD stops once it has heard some.
+
+        For a file shorter than one window that is all the VAD does; running it to the end would delay the
+        only decode by a few percent of its own time.
+        """
+        while self._speech_frames() < MIN_SPEECH_FRAMES and self._fed < self._audio.size:
+            self._analyse(min(self._audio.size, self._fed + FINISH_STEP))
         if self._audio.size:
-            tail = self._vad.pending_samples
-            if tail:
-                pad = np.zeros(FRAME - tail, dtype=np.float32)
-                self._probs = np.concatenate([self._probs, self._vad.feed(pad)])
             yield from self._emit(self._audio.size)
+
+    def _analyse(self, end: int) -> None:
+        """Extend the speech probabilities over self._audio[:end], zero-padding the last frame of the file."""
+        samples = self._audio[self._fed : end]
+        if end == self._audio.size and (self._vad.pending_samples + samples.size) % FRAME:
+            pad = FRAME - (self._vad.pending_samples + samples.size) % FRAME
+            samples = np.concatenate([samples, np.zeros(pad, dtype=np.float32)])
+        self._fed = end
+        self._probs = np.concatenate([self._probs, self._vad.feed(samples)])
+
+    def _speech_frames(self) -> int:
+        return int((self._probs >= SPEECH_THRESHOLD).sum())
 
     def _cut_point(self) -> int:
         """Sample index of the cut: inside the longest pause in the second half of the window."""
@@ -69,8 +86,9 @@ class Chunker:
         return quietest_cut(self._probs, frames // 2, frames) * FRAME
 
     def _emit(self, cut: int) -> Iterator[Chunk]:
-        audio, probs = self._audio[:cut], self._probs[: cut // FRAME + 1]
-        self._audio, self._probs = self._audio[cut:], self._probs[cut // FRAME :]
+        audio, probs = self._audio[:cut], self._probs[: -(-cut // FRAME)]
+        self._audio, self._probs = self._audio[cut:], self._probs[-(-cut // FRAME) :]
+        self._fed = max(0, self._fed - cut)
         offset = self._start / SAMPLE_RATE
         self._start += cut
         if int((probs >= SPEECH_THRESHOLD).sum()) >= MIN_SPEECH_FRAMES:

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -173,6 +175,55 @@ def _probe_duration(path: str) -> float | None:
         return None
 
 
+def cmd_stream(args: argparse.Namespace) -> None:
+    """Play a file into `/stt/websocket` as a live source would, showing what a live caption UI would show."""
+    import websockets
+
+    from stenograph import client
+    from stenograph.audio import AudioError, read_file
+
+    try:
+        samples = read_file(args.file)
+    except (AudioError, OSError) as exc:
+        sys.exit(f"error: {args.file}: {exc}")
+    tty = sys.stdout.isatty()
+    width = shutil.get_terminal_size().columns - 1
+
+    def show(event: client.Event) -> None:
+        data = event.data
+        if event.type == "error":
+            prefix = "\r\x1b[K" if tty else ""
+            print(f"{prefix}error: {data.get('title')}: {data.get('message')}", file=sys.stderr)
+        elif event.type == "transcript" and data["is_final"]:
+            # Each final is a delta that opens with the inter-word space; a line per final reads better.
+            print(("\r\x1b[K" if tty else "") + data["text"].strip(), flush=True)
+        elif event.type == "transcript" and tty:  # an interim replaces the previous one, in place
+            print("\r\x1b[K" + data["text"].strip()[-width:], end="", flush=True)
+
+    async def run() -> client.StreamResult:
+        ws = await client.connect(
+            args.url, api_key=args.api_key, model=args.model, language=args.language,
+            encoding=args.encoding, sample_rate=args.sample_rate,
+        )
+        return await client.stream_audio(
+            ws, samples, args.encoding, args.sample_rate, args.realtime, on_event=show
+        )
+
+    try:
+        result = asyncio.run(run())
+    except websockets.InvalidStatus as exc:
+        body = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
+        sys.exit(f"error: the server refused the connection: HTTP {exc.response.status_code} {body}".rstrip())
+    except (OSError, websockets.WebSocketException) as exc:
+        sys.exit(f"error: {args.url}: {exc}")
+    for i, seconds in enumerate(result.ttct, 1):
+        print(f"TTCT {seconds * 1000:.0f} ms (finalize {i}: sent -> flush_done)", file=sys.stderr)
+    if result.close_code != 1000:
+        sys.exit(f"error: the server closed the connection with code {result.close_code}")
+    if any(e.type == "error" for e in result.events):
+        sys.exit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stenograph", description="Self-hosted speech-to-text, Cartesia-compatible.")
     parser.add_argument("--version", action="version", version=f"stenograph {__version__}")
@@ -206,6 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the models and verify their hashes")
     model_flags(models)
     models.set_defaults(func=cmd_models)
+
+    st = sub.add_parser("stream", help="stream a file to a running server like a live source, show live text")
+    st.add_argument("file")
+    st.add_argument("--realtime", action="store_true", help="pace the audio in real time (default: fast)")
+    st.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (http/https or ws/wss)")
+    st.add_argument("--api-key", default=os.environ.get("STENOGRAPH_API_KEY"),
+                    help="API key or access token (env STENOGRAPH_API_KEY)")
+    st.add_argument("--model", default="ink-whisper")
+    st.add_argument("--language", default="en")
+    st.add_argument("--encoding", default="pcm_s16le", help="wire encoding to send (default pcm_s16le)")
+    st.add_argument("--sample-rate", type=int, default=16000, help="wire sample rate to send (default 16000)")
+    st.set_defaults(func=cmd_stream)
     return parser
 
 

@@ -102,7 +102,7 @@ async def stream_audio(
     many seconds of silence followed by `finalize`; then the end command, and wait for the server to close.
     """
     result = StreamResult()
-    flushes: asyncio.Queue[float] = asyncio.Queue()
+    flushes: asyncio.Queue[float | None] = asyncio.Queue()  # None: the socket closed first
 
     async def receive() -> None:
         try:
@@ -116,6 +116,7 @@ async def stream_audio(
         except websockets.ConnectionClosed:
             pass
         result.close_code = ws.close_code
+        flushes.put_nowait(None)
 
     receiver = asyncio.ensure_future(receive())
     chunk = int(chunk_seconds * SAMPLE_RATE)
@@ -132,7 +133,11 @@ async def stream_audio(
             await asyncio.sleep(chunk_seconds)
         t0 = time.monotonic()
         await ws.send("finalize")
-        result.ttct.append(await flushes.get() - t0)
+        flushed = await flushes.get()
+        if flushed is None:  # closed without acknowledging (after an error event): nothing more to wait for
+            await receiver
+            return result
+        result.ttct.append(flushed - t0)
     await ws.send(end)
     await receiver
     return result

@@ -49,6 +49,7 @@ class Settings:
     beam_size: int = 5
     # Bounds.
     max_upload_bytes: int = 200 * 1024 * 1024
+    upload_idle_timeout: float = 30.0  # an upload that sends nothing for this long gets 408 (frees its slot)
     max_queued_jobs: int = 64
     batch_chunk_seconds: float = 28.0
     # Concurrent STT streams (each batch request or WebSocket session is one); 0 = unlimited.
@@ -64,6 +65,10 @@ class Settings:
     token_secret: str = field(default="", repr=False)
     state_dir: Path | None = None  # None: the model directory
     token_default_ttl: int = 60
+    # The live-captions page (`/app`): whether `POST /app/token` mints `stt` tokens on a keyed server (an
+    # open server always does), and how long those tokens live.
+    app_tokens: bool = False
+    app_token_ttl: int = 60
     # Browser origins allowed by CORS ("*" for any); none by default.
     cors_origins: tuple[str, ...] = ()
     metrics: bool = True  # serve Prometheus text at /metrics
@@ -74,8 +79,15 @@ class Settings:
     stream_min_volume: float = 0.0  # frame RMS below this is silence whatever the VAD says
     stream_max_silence: float = 1.0  # auto-finalize after this much silence following speech
     stream_interim_interval: float = 1.0  # seconds of new audio between interim decodes
-    stream_max_backlog: float = 120.0  # seconds of untranscribed audio a session may queue
+    stream_max_backlog: float = 300.0  # seconds of untranscribed audio a session may queue
     stream_beam_size: int = 1
+    # Turn detection (`/stt/turns/websocket`): defaults for the turn_* query parameters, and the knobs.
+    turn_start_threshold: float = 0.8
+    turn_eager_end_threshold: float = 0.4
+    turn_end_threshold: float = 0.2
+    turn_end_timeout_ms: float = 5600.0
+    turn_update_interval: float = 1.0  # seconds of new speech between turn.update decodes
+    turn_threads: int = 1  # onnxruntime intra-op threads per Smart Turn call
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -42,13 +43,21 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "request_too_large", "Request too large", f"the upload exceeds the limit of {limit} bytes")
 
 
-def limited_receive(receive: Receive, limit: int) -> Receive:
-    """Count body bytes as they arrive so a chunked upload can't exceed the limit either."""
+def stalled(seconds: float) -> ApiError:
+    return ApiError(408, "idle_timeout", "Idle timeout", f"the upload sent nothing for {seconds:g} s")
+
+
+def limited_receive(receive: Receive, limit: int, idle_timeout: float) -> Receive:
+    """Count body bytes as they arrive so a chunked upload can't exceed the limit either, and give up on an
+    upload that stalls, so a client that stops sending cannot hold a session slot forever."""
     seen = 0
 
     async def wrapped() -> Message:
         nonlocal seen
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), idle_timeout)
+        except TimeoutError:
+            raise stalled(idle_timeout) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
@@ -99,7 +108,8 @@ class BatchRoutes:
             raise too_large(limit)
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise bad_request("send the audio as multipart/form-data with a `file` field")
-        request = Request(request.scope, limited_receive(request.receive, limit))
+        idle = self.engine.settings.upload_idle_timeout
+        request = Request(request.scope, limited_receive(request.receive, limit, idle))
         try:
             form = await request.form(max_files=4, max_fields=64)
         except ApiError:
@@ -145,9 +155,10 @@ class BatchRoutes:
 class TokenRoutes:
     """`POST /access-token`: an API key mints a short-lived token for a browser (auth.py: open servers)."""
 
-    def __init__(self, auth: Authenticator, default_ttl: int) -> None:
+    def __init__(self, auth: Authenticator, default_ttl: int, idle_timeout: float) -> None:
         self.auth = auth
         self.default_ttl = default_ttl
+        self.idle_timeout = idle_timeout
 
     async def create(self, request: Request) -> JSONResponse:
         request_id = new_request_id()
@@ -163,7 +174,8 @@ class TokenRoutes:
 
     async def _params(self, request: Request) -> tuple[frozenset[str], int]:
         """`{grants: {stt, tts, agent}, expires_in}`, every field optional; unknown fields are ignored."""
-        request = Request(request.scope, limited_receive(request.receive, MAX_TOKEN_REQUEST_BYTES))
+        receive = limited_receive(request.receive, MAX_TOKEN_REQUEST_BYTES, self.idle_timeout)
+        request = Request(request.scope, receive)
         raw = await request.body()
         try:
             body = json.loads(raw) if raw.strip() else {}

@@ -43,25 +43,18 @@ class _Job:
     enqueued: float = field(compare=False)
 
 
-@dataclass
-class SchedulerStats:
-    completed: int = 0
-    skipped: int = 0
-    rejected: int = 0
-    wait_seconds_total: float = 0.0
-    run_seconds_total: float = 0.0
-
-
 class Scheduler:
     def __init__(self, workers: int, max_queued: int) -> None:
         self.max_queued = max_queued
-        self.stats = SchedulerStats()
         self._heap: list[_Job] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._closed = False
+        self._running_interims = 0
+        self._interim_slots = max(1, workers - 1)
         self._threads = [
-            threading.Thread(target=self._worker, name=f"stenograph-model-{i}", daemon=True) for i in range(workers)
+            threading.Thread(target=self._worker, name=f"stenograph-model-{i}", daemon=True)
+            for i in range(workers)
         ]
         for t in self._threads:
             t.start()
@@ -75,7 +68,9 @@ class Scheduler:
         with self._cond:
             return sum(1 for j in self._heap if j.priority <= priority)
 
-    async def run(self, fn: Callable[[], Any], priority: Priority, stale: Callable[[], bool] | None = None) -> Any:
+    async def run(
+        self, fn: Callable[[], Any], priority: Priority, stale: Callable[[], bool] | None = None
+    ) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
@@ -83,13 +78,21 @@ class Scheduler:
                 raise RuntimeError("scheduler is closed")
             # Finals are never refused: they are bounded by the number of sessions, which is capped upstream.
             if priority != Priority.FINAL and len(self._heap) >= self.max_queued:
-                self.stats.rejected += 1
                 metrics.job(Priority(priority).name.lower(), "rejected")
                 raise overloaded("the transcription queue is full; retry shortly")
-            heapq.heappush(self._heap, _Job(priority, next(self._seq), fn, future, loop, stale, time.monotonic()))
+            heapq.heappush(
+                self._heap, _Job(priority, next(self._seq), fn, future, loop, stale, time.monotonic())
+            )
             metrics.queue_depth(len(self._heap))
             self._cond.notify()
         return await future
+
+    def _runnable(self) -> bool:
+        """Is there a job this worker may start? Interims may occupy all but one worker, so a final that
+        arrives while interims are decoding never waits for one of them to finish."""
+        if not self._heap:
+            return False
+        return self._heap[0].priority != Priority.INTERIM or self._running_interims < self._interim_slots
 
     def close(self) -> None:
         with self._cond:
@@ -101,33 +104,40 @@ class Scheduler:
     def _worker(self) -> None:
         while True:
             with self._cond:
-                while not self._heap and not self._closed:
+                while not self._closed and not self._runnable():
                     self._cond.wait()
                 if self._closed and not self._heap:
                     return
                 job = heapq.heappop(self._heap)
                 metrics.queue_depth(len(self._heap))
-            started = time.monotonic()
-            priority = Priority(job.priority).name.lower()
-            if job.future.cancelled():
-                continue
-            if job.stale is not None and job.stale():
-                self.stats.skipped += 1
-                metrics.job(priority, "skipped", wait=started - job.enqueued)
-                job.loop.call_soon_threadsafe(_set_exception, job.future, JobSkipped())
-                continue
+                if job.priority == Priority.INTERIM:
+                    self._running_interims += 1
             try:
-                result = job.fn()
-            except BaseException as exc:  # delivered to the awaiting coroutine, which owns error handling
-                job.loop.call_soon_threadsafe(_set_exception, job.future, exc)
-                outcome = "failed"
-            else:
-                job.loop.call_soon_threadsafe(_set_result, job.future, result)
-                outcome = "completed"
-            metrics.job(priority, outcome, wait=started - job.enqueued, run=time.monotonic() - started)
-            self.stats.completed += 1
-            self.stats.wait_seconds_total += started - job.enqueued
-            self.stats.run_seconds_total += time.monotonic() - started
+                self._execute(job)
+            finally:
+                if job.priority == Priority.INTERIM:
+                    with self._cond:
+                        self._running_interims -= 1
+                        self._cond.notify()
+
+    def _execute(self, job: _Job) -> None:
+        started = time.monotonic()
+        priority = Priority(job.priority).name.lower()
+        if job.future.cancelled():
+            return
+        if job.stale is not None and job.stale():
+            metrics.job(priority, "skipped", wait=started - job.enqueued)
+            job.loop.call_soon_threadsafe(_set_exception, job.future, JobSkipped())
+            return
+        try:
+            result = job.fn()
+        except BaseException as exc:  # delivered to the awaiting coroutine, which owns error handling
+            job.loop.call_soon_threadsafe(_set_exception, job.future, exc)
+            outcome = "failed"
+        else:
+            job.loop.call_soon_threadsafe(_set_result, job.future, result)
+            outcome = "completed"
+        metrics.job(priority, outcome, wait=started - job.enqueued, run=time.monotonic() - started)
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

@@ -14,6 +14,7 @@ their utterance was committed while they were decoding.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
@@ -43,7 +44,7 @@ class StreamConfig:
     interim_interval: float = 1.0
     speculative_silence: float = 0.1
     max_utterance: float = 20.0  # longer utterances are cut at a pause
-    max_backlog: float = 120.0  # seconds of audio not yet transcribed before the client gets an error
+    max_backlog: float = 300.0  # seconds of audio not yet transcribed before the client gets an error
     beam_size: int = 1
 
 
@@ -55,11 +56,12 @@ class TranscriptUpdate:
     is_final: bool
     duration: float
     words: list[Word]
+    language: str
 
 
 @dataclass(frozen=True)
 class FlushDone:
-    pass
+    requested_at: float  # time.monotonic() when `finalize` arrived, for the server-side TTCT metric
 
 
 Output = TranscriptUpdate | FlushDone
@@ -213,6 +215,8 @@ class StreamSession:
     def _maybe_interim(self) -> None:
         utt = self._utt
         interval = int(self.config.interim_interval * SAMPLE_RATE)
+        if not utt.last_interim_at:
+            interval //= 2  # the first words should show up quickly; later interims can wait a full interval
         if self._interim is not None or utt.samples - utt.last_interim_at < interval:
             return
         # Under load, interims are the first thing to go: finals and batch work waiting take precedence.
@@ -230,7 +234,9 @@ class StreamSession:
         finally:
             self._interim = None
         if generation == self._generation and not result.empty:
-            update = TranscriptUpdate(self._delta(result.text), False, audio.size / SAMPLE_RATE, result.words)
+            update = TranscriptUpdate(
+                self._delta(result.text), False, audio.size / SAMPLE_RATE, result.words, self.config.language
+            )
             self.outputs.put_nowait(_ready(update))
 
     # -- commits -----------------------------------------------------------------------------------------
@@ -277,7 +283,7 @@ class StreamSession:
             return None
         text = self._delta(result.text)
         self._emitted_text = True
-        return TranscriptUpdate(text, True, duration, result.words)
+        return TranscriptUpdate(text, True, duration, result.words, self.config.language)
 
     def _delta(self, text: str) -> str:
         """Verbatim spacing: the space between words opens the next delta, never closes the previous one."""
@@ -292,7 +298,7 @@ class StreamSession:
         if tail.size:
             self._ingest(tail)
         self._commit(self._utt.samples)
-        self.outputs.put_nowait(_ready(FlushDone()))
+        self.outputs.put_nowait(_ready(FlushDone(time.monotonic())))
 
     def flush_all(self) -> None:
         """For `close`/`done`: the same commit as finalize, without the `flush_done` acknowledgement."""

@@ -12,18 +12,23 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Mapping
 from typing import Any
 
+from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from stenograph import protocol
+from stenograph import metrics, protocol
 from stenograph.asr import Engine
-from stenograph.audio import ENCODINGS, MAX_INPUT_RATE, MIN_INPUT_RATE
+from stenograph.audio import ENCODINGS, MAX_INPUT_RATE, MIN_INPUT_RATE, sample_width
 from stenograph.auth import Authenticator
 from stenograph.errors import ApiError, bad_request
 from stenograph.http_routes import new_request_id
+from stenograph.limits import SessionLimiter
+from stenograph.shutdown import ShutdownCoordinator
 from stenograph.streaming import FlushDone, StreamConfig, StreamSession, TranscriptUpdate
 
 log = logging.getLogger("stenograph.ws")
@@ -70,42 +75,94 @@ def parse_stream_config(engine: Engine, params: Mapping[str, str], keyterms: lis
     )
 
 
-def transcript_payload(out: TranscriptUpdate, request_id: str, language: str) -> dict[str, Any]:
-    return protocol.transcript_event(request_id, out.text, out.is_final, out.duration, language, out.words)
+def transcript_payload(out: TranscriptUpdate, request_id: str) -> dict[str, Any]:
+    return protocol.transcript_event(
+        request_id, out.text, out.is_final, out.duration, out.language, out.words
+    )
 
 
-class ManualStream:
-    """`WS /stt/websocket` (manual finalize)."""
+class StreamEndpoint:
+    """The lifecycle both WebSocket endpoints share; subclasses supply the session and its wire mapping.
 
-    def __init__(self, engine: Engine, auth: Authenticator) -> None:
+    Order of a connection: authenticate and take a concurrency slot (refusals are HTTP statuses, before the
+    upgrade) -> accept with `X-Request-Id` -> parse parameters (errors: `error` event, close 1008) ->
+    `on_open` -> receive audio and commands while a sender task writes the session's outputs in order.
+    It ends in one of three ways: the client's end command (pending outputs are sent, then `on_closed` and a
+    1000 close), server shutdown (pending outputs are sent, then a 1001 close), or the client leaving (all
+    work for the session is cancelled).
+    """
+
+    endpoint = "websocket"  # metrics label
+
+    def __init__(
+        self, engine: Engine, auth: Authenticator, limits: SessionLimiter, shutdown: ShutdownCoordinator
+    ) -> None:
         self.engine = engine
         self.auth = auth
+        self.limits = limits
+        self.shutdown = shutdown
+
+    # -- hooks -------------------------------------------------------------------------------------------
+
+    def open_session(self, params: QueryParams) -> Any:
+        raise NotImplementedError
+
+    async def on_open(self, ws: WebSocket, request_id: str) -> None:
+        """Called once the session exists, before any audio is read."""
+
+    async def feed(self, session: Any, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def on_text(self, ws: WebSocket, session: Any, request_id: str, text: str) -> bool:
+        """Handle a text frame; True when it was the end command (the session has been flushed)."""
+        raise NotImplementedError
+
+    async def flush(self, session: Any) -> None:
+        """Make everything buffered final (shutdown); outputs go through the session's queue as usual."""
+        raise NotImplementedError
+
+    def render(self, out: Any, request_id: str) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    async def on_closed(self, ws: WebSocket, request_id: str) -> None:
+        """After the end command's outputs, before the 1000 close."""
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
 
     async def handle(self, ws: WebSocket) -> None:
         request_id = new_request_id()
         try:
-            self.auth.authenticate(ws.headers, ws.query_params)
+            principal = self.auth.authenticate(ws.headers, ws.query_params)
+            self.limits.acquire(principal)
         except ApiError as exc:
+            metrics.error(exc.error_code)
             await deny(ws, exc, request_id)
             return
+        try:
+            with metrics.session(self.endpoint):
+                await self._run(ws, request_id)
+        finally:
+            self.limits.release(principal)
+
+    async def _run(self, ws: WebSocket, request_id: str) -> None:
         await ws.accept(headers=[(b"x-request-id", request_id.encode())])
         try:
-            config = parse_stream_config(self.engine, ws.query_params, ws.query_params.getlist("keyterm"))
+            session = self.open_session(ws.query_params)
         except ApiError as exc:
             await send_error_and_close(ws, exc, request_id)
             return
-        session = StreamSession(self.engine, self.engine.recognizer(config.model_id), config)
-        sender = asyncio.ensure_future(self._send_outputs(ws, session, request_id, config.language))
+        await self.on_open(ws, request_id)
+        sender = asyncio.ensure_future(self._send_outputs(ws, session, request_id))
         try:
-            closing = await self._receive(ws, session, request_id, sender)
+            ending = await self._receive(ws, session, request_id, sender)
         except ApiError as exc:
             session.cancel()
             sender.cancel()
             await send_error_and_close(ws, exc, request_id)
             return
         except WebSocketDisconnect:
-            closing = False
-        if not closing:  # the client left without `close`: nobody is listening, stop decoding
+            ending = "left"
+        if ending == "left":  # nobody is listening any more: stop decoding
             session.cancel()
             sender.cancel()
             return
@@ -114,67 +171,102 @@ class ManualStream:
             await sender
         except Exception:
             return  # the sender already reported the failure and closed the socket
-        await send_json(ws, protocol.simple_event("done", request_id))
-        await close(ws, CLOSE_NORMAL)
+        if ending == "closed":
+            await self.on_closed(ws, request_id)
+            await close(ws, CLOSE_NORMAL)
+        else:
+            await close(ws, CLOSE_GOING_AWAY)
 
     async def _receive(
-        self, ws: WebSocket, session: StreamSession, request_id: str, sender: asyncio.Future[None]
-    ) -> bool:
-        """Feed audio and commands until `close`/`done` (True) or the client disconnects (False)."""
+        self, ws: WebSocket, session: Any, request_id: str, sender: asyncio.Future[None]
+    ) -> str:
+        """Feed frames until the end command ("closed"), a shutdown ("drained") or the client leaves."""
         idle = self.engine.settings.idle_timeout
-        while True:
-            try:
-                message = await asyncio.wait_for(ws.receive(), timeout=idle)
-            except TimeoutError:
-                raise ApiError(
-                    408, "idle_timeout", "Idle timeout", f"no audio or message for {idle:g} s; closing"
-                ) from None
-            if message["type"] == "websocket.disconnect" or sender.done():
-                return False
-            data = message.get("bytes")
-            if data is not None:
-                session.feed(data)
-                continue
-            command = parse_command(message.get("text") or "")
-            if command == "finalize":
-                session.finalize()
-            elif command in ("close", "done"):
-                session.flush_all()
-                return True
-            else:
-                await send_json(
-                    ws,
-                    protocol.ws_error_event(
-                        bad_request(
-                            f"unknown message {command!r}; send audio as binary frames, or "
-                            "'finalize', 'close' or 'done'",
-                            title="Invalid message",
-                        ),
-                        request_id,
-                    ),
-                )
+        draining = asyncio.ensure_future(self.shutdown.draining.wait())
+        bytes_per_second = sample_width(session.config.encoding) * session.config.sample_rate
+        try:
+            while True:
+                receiving = asyncio.ensure_future(ws.receive())
+                done, _ = await asyncio.wait({receiving, draining}, timeout=idle, return_when=FIRST_COMPLETED)
+                if not done:
+                    receiving.cancel()
+                    raise ApiError(408, "idle_timeout", "Idle timeout", f"no audio or message for {idle:g} s")
+                if receiving not in done:
+                    receiving.cancel()
+                    await self.flush(session)
+                    return "drained"
+                message = receiving.result()
+                if message["type"] == "websocket.disconnect" or sender.done():
+                    return "left"
+                data = message.get("bytes")
+                if data is not None:
+                    metrics.audio_seconds(len(data) / bytes_per_second, self.endpoint)
+                    await self.feed(session, data)
+                elif await self.on_text(ws, session, request_id, message.get("text") or ""):
+                    return "closed"
+        finally:
+            draining.cancel()
 
-    async def _send_outputs(
-        self, ws: WebSocket, session: StreamSession, request_id: str, language: str
-    ) -> None:
+    async def _send_outputs(self, ws: WebSocket, session: Any, request_id: str) -> None:
         while True:
             item = await session.outputs.get()
             try:
                 out = await item
             except ApiError as exc:
+                metrics.error(exc.error_code)
                 await send_json(ws, protocol.ws_error_event(exc, request_id))
                 continue
             except Exception:
-                log.exception("stream %s: decode failed", request_id)
+                log.exception("%s %s: decode failed", self.endpoint, request_id)
                 error = ApiError(500, "internal_error", "Internal error", "transcription failed")
+                metrics.error(error.error_code)
                 await send_error_and_close(ws, error, request_id, CLOSE_INTERNAL)
                 raise
             if out is _END:
                 return
-            if isinstance(out, TranscriptUpdate):
-                await send_json(ws, transcript_payload(out, request_id, language))
-            elif isinstance(out, FlushDone):
-                await send_json(ws, protocol.simple_event("flush_done", request_id))
+            payload = None if out is None else self.render(out, request_id)
+            if payload is not None:
+                await send_json(ws, payload)
+
+
+class ManualStream(StreamEndpoint):
+    """`WS /stt/websocket`: transcripts as deltas, `finalize` -> finals + `flush_done`, `close`/`done`."""
+
+    endpoint = "websocket"
+
+    def open_session(self, params: QueryParams) -> StreamSession:
+        config = parse_stream_config(self.engine, params, params.getlist("keyterm"))
+        return StreamSession(self.engine, self.engine.recognizer(config.model_id), config)
+
+    async def feed(self, session: StreamSession, data: bytes) -> None:
+        session.feed(data)
+
+    async def flush(self, session: StreamSession) -> None:
+        session.flush_all()
+
+    async def on_text(self, ws: WebSocket, session: StreamSession, request_id: str, text: str) -> bool:
+        command = parse_command(text)
+        if command == "finalize":
+            session.finalize()
+            return False
+        if command in ("close", "done"):
+            session.flush_all()
+            return True
+        error = bad_request(
+            f"unknown message {command!r}; send audio as binary frames, or 'finalize', 'close' or 'done'",
+            title="Invalid message",
+        )
+        await send_json(ws, protocol.ws_error_event(error, request_id))
+        return False
+
+    def render(self, out: TranscriptUpdate | FlushDone, request_id: str) -> dict[str, Any]:
+        if isinstance(out, FlushDone):
+            metrics.observe_ttct(time.monotonic() - out.requested_at, self.endpoint)
+            return protocol.simple_event("flush_done", request_id)
+        return transcript_payload(out, request_id)
+
+    async def on_closed(self, ws: WebSocket, request_id: str) -> None:
+        await send_json(ws, protocol.simple_event("done", request_id))
 
 
 _END: Any = object()

@@ -1,0 +1,513 @@
+"""Turn detection for `/stt/turns/websocket`: when a user's turn starts and ends, and what they said in it.
+
+**Activity.** Cartesia's thresholds are defined on one number, "the likelihood that the user is in an active
+turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `turn.end` when it falls below
+`eager_end_threshold` / `end_threshold`. We compute it per 32 ms VAD frame from two models:
+
+- Outside a turn (and after an eager end), activity is the Silero speech probability, taken as the lowest of
+  the last three frames (~96 ms), so a click or a breath does not open a turn: `turn.start` (or
+  `turn.resume`) fires when speech has held above `start_threshold` for three frames.
+- While the user speaks, activity is 1.
+- Once they pause (three frames below the 0.5 speech line, ~100 ms), Smart Turn v3.2 scores the audio so far
+  once, giving `p_complete`, and activity decays with the silence:
+
+      activity = (1 - p_complete) * max(0, 1 - silence_ms / end_timeout_ms)
+
+  A confident "complete" (p_complete > 0.8 with the default end threshold 0.2) ends the turn at once; an
+  unsure one (0.6 < p < 0.8) gives an eager end now and a final end after a proportionally shorter wait;
+  a "not complete" ends only as the silence nears `end_timeout_ms`, which is therefore the longest wait,
+  whatever the model says. Speech resuming resets the pause (and the decay); after an eager end that is
+  `turn.resume`.
+
+**Decisions follow the audio, not the clock.** Every decision is made while ingesting a frame, and the Smart
+Turn score is awaited before the next frame is looked at, so the same audio gives the same turns whether it
+arrives in real time or ten times faster. `TurnDetector` holds that logic, pure and synchronous; `TurnSession`
+feeds it and does the decoding.
+
+**Transcripts are never revised.** Within a turn, text goes out only once it is stable: the words on which two
+successive decodes agree, less the last one. Every later decode forces the text already sent as Whisper's
+prefix, so it can only extend it; at a pause the whole decode is sent with `turn.eager_end` / `turn.end`.
+Outputs are a FIFO of coroutines run one at a time by the sender, so text state changes in wire order and
+decodes of one session never overlap. A turn's transcript starts with a space when an earlier turn carried
+text, so the session transcript is the plain concatenation of the `turn.end` transcripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from stenograph.asr import Engine, Recognizer, Transcription
+from stenograph.audio import SAMPLE_RATE, PcmDecoder
+from stenograph.errors import ApiError, bad_request
+from stenograph.scheduler import JobSkipped, Priority
+from stenograph.vad import FRAME
+
+SPEECH_THRESHOLD = 0.5  # a frame at or above this is speech for pause tracking
+SUSTAIN_FRAMES = 3  # frames above start_threshold that open (or resume) a turn
+PAUSE_FRAMES = 3  # silent frames before a pause is scored
+LEAD_IN_SECONDS = 0.5  # audio kept before the frame that opened a turn
+SMART_TURN_SECONDS = 8.0
+HOLDBACK_WORDS = 1  # the newest agreed word is not sent until a later decode confirms what follows it
+FRAME_MS = FRAME * 1000 / SAMPLE_RATE
+
+START, UPDATE, EAGER_END, RESUME, END = (
+    "turn.start",
+    "turn.update",
+    "turn.eager_end",
+    "turn.resume",
+    "turn.end",
+)
+
+# Spec 3.1 ranges (inclusive).
+START_RANGE = (0.5, 0.9)
+EAGER_END_RANGE = (0.3, 0.6)
+END_RANGE = (0.05, 0.5)
+END_TIMEOUT_RANGE = (640.0, 11200.0)
+
+
+# -- parameters ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnParams:
+    start_threshold: float = 0.8
+    eager_end_threshold: float = 0.4
+    end_threshold: float = 0.2
+    end_timeout_ms: float = 5600.0
+
+    def checked(self) -> TurnParams:
+        """Ranges from the spec, and the strict order start > eager_end > end."""
+        for name, (lo, hi) in (
+            ("start_threshold", START_RANGE),
+            ("eager_end_threshold", EAGER_END_RANGE),
+            ("end_threshold", END_RANGE),
+            ("end_timeout_ms", END_TIMEOUT_RANGE),
+        ):
+            value = getattr(self, name)
+            if not (lo <= value <= hi):
+                raise bad_request(
+                    f"turn_{name} must be between {lo:g} and {hi:g}, got {value:g}", title="Invalid parameter"
+                )
+        if not (self.start_threshold > self.eager_end_threshold > self.end_threshold):
+            raise bad_request(
+                "turn thresholds must be ordered start > eager_end > end, got "
+                f"{self.start_threshold:g} / {self.eager_end_threshold:g} / {self.end_threshold:g}",
+                title="Invalid parameter",
+            )
+        return self
+
+    def updated(self, changes: dict[str, float]) -> TurnParams:
+        return replace(self, **changes).checked()
+
+
+# -- the state machine of spec 3.4 ------------------------------------------------------------------------
+
+
+class TurnState(Enum):
+    IDLE = "idle"
+    SPEAKING = "speaking"
+    EAGER_ENDED = "eager_ended"
+
+
+TRANSITIONS: dict[tuple[TurnState, str], TurnState] = {
+    (TurnState.IDLE, START): TurnState.SPEAKING,
+    (TurnState.SPEAKING, EAGER_END): TurnState.EAGER_ENDED,
+    (TurnState.SPEAKING, END): TurnState.IDLE,
+    (TurnState.EAGER_ENDED, RESUME): TurnState.SPEAKING,
+    (TurnState.EAGER_ENDED, END): TurnState.IDLE,
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass
+class TurnStateMachine:
+    state: TurnState = TurnState.IDLE
+
+    def apply(self, event: str) -> TurnState:
+        nxt = TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            raise IllegalTransition(f"{event} is not allowed in state {self.state.value}")
+        self.state = nxt
+        return nxt
+
+
+# -- decisions ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckTurn:
+    """Ask for the Smart Turn score of the audio up to now, for the pause numbered `pause`."""
+
+    pause: int
+
+
+Action = str | CheckTurn  # a turn event name, or a request for a score
+
+
+class TurnDetector:
+    """Frame-by-frame turn decisions (see the module docstring); knows nothing of audio or text."""
+
+    def __init__(self, params: TurnParams) -> None:
+        self.params = params
+        self.machine = TurnStateMachine()
+        self.pause = 0  # id of the current (or last) pause; a score for any other pause is stale
+        self.silence = 0  # consecutive frames below the speech line
+        self._recent: deque[float] = deque(maxlen=SUSTAIN_FRAMES)
+        self._p_complete: float | None = None
+
+    @property
+    def state(self) -> TurnState:
+        return self.machine.state
+
+    @property
+    def paused(self) -> bool:
+        return self.state is not TurnState.IDLE and self.silence >= PAUSE_FRAMES
+
+    def frame(self, prob: float) -> list[Action]:
+        self._recent.append(prob)
+        sustained = len(self._recent) == SUSTAIN_FRAMES and min(self._recent) >= self.params.start_threshold
+        if prob >= SPEECH_THRESHOLD:
+            self.silence = 0
+        else:
+            self.silence += 1
+        state = self.state
+        if state is TurnState.IDLE:
+            return self._emit(START) if sustained else []
+        if state is TurnState.EAGER_ENDED and sustained:
+            return self._emit(RESUME)
+        if self.silence < PAUSE_FRAMES:
+            return []
+        actions: list[Action] = []
+        if self.silence == PAUSE_FRAMES:
+            self.pause += 1
+            self._p_complete = None
+            actions.append(CheckTurn(self.pause))
+        return actions + self._judge()
+
+    def turn_probability(self, pause: int, p_complete: float) -> list[Action]:
+        if pause != self.pause or not self.paused:
+            return []
+        self._p_complete = p_complete
+        return self._judge()
+
+    def finish(self) -> list[Action]:
+        """End of the stream: an open turn ends now."""
+        return [] if self.state is TurnState.IDLE else self._emit(END)
+
+    def configure(self, params: TurnParams) -> list[Action]:
+        self.params = params
+        return self._judge() if self.paused else []
+
+    def activity(self) -> float:
+        if self.state is TurnState.IDLE:
+            return min(self._recent, default=0.0)
+        if not self.paused:
+            return 1.0
+        silence_ms = self.silence * FRAME_MS
+        decay = max(0.0, 1.0 - silence_ms / self.params.end_timeout_ms)
+        return (1.0 - (self._p_complete or 0.0)) * decay
+
+    def _judge(self) -> list[Action]:
+        activity = self.activity()
+        if activity < self.params.end_threshold:
+            return self._emit(END)
+        if activity < self.params.eager_end_threshold and self.state is TurnState.SPEAKING:
+            return self._emit(EAGER_END)
+        return []
+
+    def _emit(self, event: str) -> list[Action]:
+        self.machine.apply(event)
+        if event in (START, RESUME, END):
+            self._recent.clear()
+            self._p_complete = None
+        return [event]
+
+
+# -- the session ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    model_id: str
+    encoding: str
+    sample_rate: int
+    params: TurnParams = TurnParams()
+    keyterms: tuple[str, ...] = ()
+    update_interval: float = 1.0  # seconds of new turn audio between transcript updates
+    max_segment: float = 20.0  # a turn longer than this is decoded in pieces, cut after a sent word
+    max_backlog: float = 120.0
+    beam_size: int = 1
+
+
+@dataclass(frozen=True)
+class TurnEvent:
+    """What the session tells the transport; `transcript` is None for `turn.start` / `turn.resume`."""
+
+    kind: str
+    transcript: str | None = None
+
+
+@dataclass
+class _Turn:
+    """One turn's text state. Changed only by the output coroutines, i.e. in wire order."""
+
+    start: int  # absolute sample index of the turn's first audio (lead-in included)
+    lead: str = ""  # " " when an earlier turn carried text
+    seg_start: int = 0  # absolute sample index where the open segment begins
+    sealed: str = ""  # text of earlier segments, all final
+    sent: str = ""  # text of the open segment already on the wire (words joined by single spaces)
+    previous: list[str] | None = None  # the words of the last update decode of the open segment
+    pause: tuple[int, int, str] | None = None  # (pause id, seg_start, text) of the last pause decode
+    words_end: int = 0  # absolute sample index after the last sent word
+
+    def transcript(self) -> str:
+        text = " ".join(part for part in (self.sealed, self.sent) if part)
+        return (self.lead + text) if text else ""
+
+
+Item = Coroutine[Any, Any, TurnEvent | None]
+
+
+class TurnSession:
+    """One connection: audio in, decisions from the detector, ordered turn events out."""
+
+    def __init__(self, engine: Engine, recognizer: Recognizer, config: TurnConfig) -> None:
+        self.engine = engine
+        self.recognizer = recognizer
+        self.config = config
+        self.outputs: asyncio.Queue[Awaitable[TurnEvent | None]] = asyncio.Queue()
+        self.detector = TurnDetector(config.params)
+        self._decoder = PcmDecoder(config.encoding, config.sample_rate)
+        self._vad = engine.vad.stream()
+        self._smart_turn = engine.smart_turn
+        self._hotwords = ", ".join(config.keyterms) or None
+        self._chunks: list[np.ndarray] = []
+        self._buf_start = 0  # absolute sample index of the first buffered sample
+        self._buffered = 0
+        self._framed = 0  # samples the VAD has turned into frames
+        self._turn: _Turn | None = None  # the turn being decided (frame side)
+        self._last_end = 0  # absolute sample index where the last turn ended; the next lead-in starts after
+        self._live: list[_Turn] = []  # turns whose end has not been sent yet (their audio must stay)
+        self._last_update_at = 0
+        self._update_pending = False
+        self._said_anything = False  # has any turn.end carried text (output side)?
+
+    # -- input -------------------------------------------------------------------------------------------
+
+    async def feed(self, data: bytes) -> None:
+        samples = self._decoder.feed(data)
+        if samples.size:
+            await self._ingest(samples)
+
+    async def finish(self) -> None:
+        """`close`: flush the decoder, then end an open turn with everything heard."""
+        tail = self._decoder.flush()
+        if tail.size:
+            await self._ingest(tail)
+        self._apply(self.detector.finish(), self._buf_start + self._buffered)
+
+    def configure(self, changes: dict[str, float]) -> None:
+        params = self.detector.params.updated(changes)
+        self._apply(self.detector.configure(params), self._framed)
+
+    async def _ingest(self, samples: np.ndarray) -> None:
+        self._chunks.append(samples)
+        self._buffered += samples.size
+        for prob in self._vad.feed(samples):
+            self._framed += FRAME
+            pending = deque(self.detector.frame(float(prob)))
+            while pending:
+                action = pending.popleft()
+                if isinstance(action, CheckTurn):
+                    self._enqueue(self._pause_decode(self._require_turn(), action.pause, self._framed))
+                    score = await self._score(self._framed)
+                    pending.extend(self.detector.turn_probability(action.pause, score))
+                else:
+                    self._apply([action], self._framed)
+            self._maybe_update()
+        self._trim()
+
+    async def _score(self, upto: int) -> float:
+        audio = self._slice(upto - int(SMART_TURN_SECONDS * SAMPLE_RATE), upto)
+        return await asyncio.to_thread(self._smart_turn.probability, audio)
+
+    def _apply(self, actions: list[Action], upto: int) -> None:
+        # A pause decode stands for the turn's audio only if nothing was said after it: the detector is
+        # still in the pause it was made for (`silence` is not reset by the end itself).
+        pause = self.detector.pause if self.detector.silence >= PAUSE_FRAMES else -1
+        for action in actions:
+            if action == START:
+                lead_in = upto - SUSTAIN_FRAMES * FRAME - int(LEAD_IN_SECONDS * SAMPLE_RATE)
+                start = max(self._buf_start, self._last_end, lead_in)
+                turn = _Turn(start=start, seg_start=start, words_end=start)
+                self._turn, self._last_update_at = turn, upto
+                self._live.append(turn)
+                self._enqueue(self._started(turn))
+            elif action == EAGER_END:
+                self._enqueue(self._eager_end(self._require_turn(), pause, upto))
+            elif action == RESUME:
+                self._enqueue(_ready(TurnEvent(RESUME)))
+            elif action == END:
+                self._enqueue(self._end(self._require_turn(), pause, upto))
+                self._turn, self._last_end = None, upto
+
+    def _require_turn(self) -> _Turn:
+        assert self._turn is not None, "the detector acted on a turn the session did not open"
+        return self._turn
+
+    def _maybe_update(self) -> None:
+        turn = self._turn
+        if turn is None or self._update_pending or self.detector.paused:
+            return
+        if self._framed - self._last_update_at < self.config.update_interval * SAMPLE_RATE:
+            return
+        if self.engine.scheduler.depth_at_or_above(Priority.INTERIM) >= self.engine.settings.workers:
+            return  # under load, updates wait: turn ends and batch work come first
+        self._last_update_at = self._framed
+        self._update_pending = True
+        self._enqueue(self._update(turn, self._framed))
+
+    def _enqueue(self, item: Item) -> None:
+        self.outputs.put_nowait(item)
+
+    # -- audio buffer ------------------------------------------------------------------------------------
+
+    def _slice(self, start: int, end: int) -> np.ndarray:
+        if len(self._chunks) > 1:
+            self._chunks = [np.concatenate(self._chunks)]
+        buf = self._chunks[0] if self._chunks else np.zeros(0, dtype=np.float32)
+        lo = max(0, start - self._buf_start)
+        return buf[lo : max(lo, end - self._buf_start)]
+
+    def _trim(self) -> None:
+        """Keep the audio that live turns and the next turn's lead-in can still need; bound the rest."""
+        now = self._buf_start + self._buffered
+        keep = now - int(SMART_TURN_SECONDS * SAMPLE_RATE)  # also covers the next turn's lead-in
+        if self._live:
+            oldest = min(t.seg_start for t in self._live)
+            if (now - oldest) / SAMPLE_RATE > self.config.max_backlog:
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    "Audio backlog exceeded",
+                    f"more than {self.config.max_backlog:g} s of audio is waiting to be transcribed; "
+                    "send audio in real time",
+                )
+            keep = min(keep, oldest)
+        drop = keep - self._buf_start
+        if drop <= 0:
+            return
+        buf = self._slice(self._buf_start, now)
+        self._chunks = [buf[drop:]]
+        self._buf_start += drop
+        self._buffered -= drop
+
+    # -- outputs (run one at a time, in order, by the sender) --------------------------------------------
+
+    async def _started(self, turn: _Turn) -> TurnEvent:
+        turn.lead = " " if self._said_anything else ""
+        return TurnEvent(START)
+
+    async def _update(self, turn: _Turn, upto: int) -> TurnEvent | None:
+        self._update_pending = False
+        if turn not in self._live:
+            return None
+        try:
+            words, ends = await self._decode(turn, turn.seg_start, upto, Priority.INTERIM)
+        except JobSkipped:
+            return None
+        before = turn.transcript()
+        if turn.previous is not None:
+            stable = min(_common_prefix(turn.previous, words), len(words) - HOLDBACK_WORDS)
+            text = " ".join(words[:stable])
+            if len(text) > len(turn.sent) and text.startswith(turn.sent):
+                turn.sent, turn.words_end = text, ends[stable - 1]
+        turn.previous = words
+        if (upto - turn.seg_start) / SAMPLE_RATE > self.config.max_segment and turn.sent:
+            turn.sealed = " ".join(part for part in (turn.sealed, turn.sent) if part)
+            turn.seg_start, turn.sent, turn.previous = turn.words_end, "", None
+        after = turn.transcript()
+        return TurnEvent(UPDATE, after) if after != before else None
+
+    async def _pause_decode(self, turn: _Turn, pause: int, upto: int) -> None:
+        if turn not in self._live or (turn is self._turn and pause != self.detector.pause):
+            return None  # speech resumed before this ran: the next pause decodes again
+        words, _ = await self._decode(turn, turn.seg_start, upto, Priority.FINAL)
+        turn.pause = (pause, turn.seg_start, " ".join(words))
+        return None
+
+    async def _final_text(self, turn: _Turn, pause: int, upto: int) -> str:
+        """Everything said in the open segment up to the pause: the pause decode when it is still valid."""
+        if turn.pause is not None and turn.pause[:2] == (pause, turn.seg_start):
+            return turn.pause[2]
+        words, _ = await self._decode(turn, turn.seg_start, upto, Priority.FINAL)
+        return " ".join(words)
+
+    async def _eager_end(self, turn: _Turn, pause: int, upto: int) -> TurnEvent:
+        turn.sent = await self._final_text(turn, pause, upto)
+        turn.previous = None
+        return TurnEvent(EAGER_END, turn.transcript())
+
+    async def _end(self, turn: _Turn, pause: int, upto: int) -> TurnEvent:
+        try:
+            turn.sent = await self._final_text(turn, pause, upto)
+        finally:
+            self._live.remove(turn)
+        text = turn.transcript()
+        self._said_anything = self._said_anything or bool(text)
+        return TurnEvent(END, text)
+
+    async def _decode(
+        self, turn: _Turn, start: int, end: int, priority: Priority
+    ) -> tuple[list[str], list[int]]:
+        """Words of the open segment (the sent text forced as the prefix) and each word's end sample."""
+        audio = self._slice(start, end)
+        forced = turn.sent.split()
+        if audio.size < FRAME:
+            return forced, [turn.words_end] * len(forced)
+        prefix = turn.sent or None
+        cfg = self.config
+
+        def job() -> Transcription:
+            return self.recognizer.decode_utterance(audio, "en", cfg.beam_size, 0.0, self._hotwords, prefix)
+
+        stale: Callable[[], bool] | None = None
+        if priority is Priority.INTERIM:
+            stale = lambda: turn not in self._live  # noqa: E731
+        result: Transcription = await self.engine.scheduler.run(job, priority, stale)
+        words = [w.word for w in result.words] or result.text.split()
+        ends = [start + int(w.end * SAMPLE_RATE) for w in result.words]
+        if len(ends) != len(words):
+            ends = [end] * len(words)
+        if not " ".join(words).startswith(turn.sent):  # drifted from the forced prefix: keep what was sent
+            return forced, [turn.words_end] * len(forced)
+        return words, ends
+
+    def cancel(self) -> None:
+        while not self.outputs.empty():
+            item = self.outputs.get_nowait()
+            if asyncio.iscoroutine(item):
+                item.close()
+
+
+def _common_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+async def _ready(event: TurnEvent) -> TurnEvent:
+    return event

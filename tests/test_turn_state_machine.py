@@ -1,0 +1,396 @@
+"""The turn state machine of spec 3.4, the frame-by-frame detector, and the session logic around it.
+
+The spec's transitions are written out again here, independently of `stenograph.turns`, and every event
+sequence the detector or the session produces is checked against them. Where the models are not what is
+under test (the property tests), fakes stand in for Silero, Smart Turn and Whisper, and the test names say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stenograph.asr import Transcription, Word
+from stenograph.errors import ApiError
+from stenograph.turns import (
+    FRAME_MS,
+    PAUSE_FRAMES,
+    CheckTurn,
+    IllegalTransition,
+    TurnConfig,
+    TurnDetector,
+    TurnParams,
+    TurnSession,
+    TurnState,
+    TurnStateMachine,
+)
+from stenograph.vad import FRAME
+
+# Spec 3.4, verbatim: Idle -turn.start-> Speaking; Speaking -turn.eager_end-> EagerEnded;
+# Speaking -turn.end-> Idle; EagerEnded -turn.resume-> Speaking; EagerEnded -turn.end-> Idle.
+SPEC = {
+    ("idle", "turn.start"): "speaking",
+    ("speaking", "turn.eager_end"): "eager_ended",
+    ("speaking", "turn.end"): "idle",
+    ("eager_ended", "turn.resume"): "speaking",
+    ("eager_ended", "turn.end"): "idle",
+}
+EVENTS = ("turn.start", "turn.eager_end", "turn.resume", "turn.end")
+
+
+def check_spec_order(events: list[str]) -> str:
+    """Walk `events` through the spec's table; fail on the first illegal one. Returns the final state."""
+    state = "idle"
+    for i, event in enumerate(events):
+        nxt = SPEC.get((state, event))
+        assert nxt is not None, f"event {i} {event!r} in state {state!r}: {events}"
+        state = nxt
+    return state
+
+
+# -- the state machine ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["idle", "speaking", "eager_ended"])
+@pytest.mark.parametrize("event", EVENTS)
+def test_state_machine_allows_exactly_the_spec_transitions(state: str, event: str) -> None:
+    machine = TurnStateMachine(TurnState(state))
+    expected = SPEC.get((state, event))
+    if expected is None:
+        with pytest.raises(IllegalTransition):
+            machine.apply(event)
+        assert machine.state is TurnState(state), "a refused event leaves the state alone"
+    else:
+        assert machine.apply(event) is TurnState(expected)
+
+
+def test_state_machine_refuses_unknown_events() -> None:
+    with pytest.raises(IllegalTransition):
+        TurnStateMachine().apply("turn.update")
+
+
+# -- parameters -------------------------------------------------------------------------------------------
+
+
+def test_turn_params_ranges_and_order() -> None:
+    assert TurnParams().checked() == TurnParams(0.8, 0.4, 0.2, 5600.0)
+    for bad in (
+        TurnParams(start_threshold=0.95),
+        TurnParams(eager_end_threshold=0.25),
+        TurnParams(end_threshold=0.6),
+        TurnParams(end_timeout_ms=500),
+        TurnParams(end_timeout_ms=12000),
+        TurnParams(start_threshold=0.5, eager_end_threshold=0.5, end_threshold=0.2),  # not strictly ordered
+        TurnParams(eager_end_threshold=0.3, end_threshold=0.3),
+    ):
+        with pytest.raises(ApiError) as err:
+            bad.checked()
+        assert err.value.status == 400
+
+
+# -- the detector, driven directly ------------------------------------------------------------------------
+
+
+def run_detector(det: TurnDetector, probs: list[float], scores: dict[int, float]) -> list[str]:
+    """Feed frames; answer each score request from `scores` (keyed by pause id), as the session does."""
+    events: list[str] = []
+    for p in probs:
+        pending = list(det.frame(p))
+        while pending:
+            action = pending.pop(0)
+            if isinstance(action, CheckTurn):
+                pending += det.turn_probability(action.pause, scores.get(action.pause, 0.0))
+            else:
+                events.append(action)
+    return events
+
+
+def frames(ms: float, prob: float) -> list[float]:
+    return [prob] * round(ms / FRAME_MS)
+
+
+def test_detector_confident_end_is_immediate_and_unsure_end_waits() -> None:
+    det = TurnDetector(TurnParams())
+    events = run_detector(det, frames(1000, 0.95) + frames(200, 0.02), {1: 0.95})
+    assert events == ["turn.start", "turn.end"]
+    det = TurnDetector(TurnParams())
+    # p_complete 0.7: activity 0.3 -> eager end at once, end once (1 - s/T) * 0.3 < 0.2, i.e. s > T/3.
+    events = run_detector(det, frames(1000, 0.95) + frames(1500, 0.02), {1: 0.7})
+    assert events == ["turn.start", "turn.eager_end"]
+    events = run_detector(det, frames(500, 0.02), {})
+    assert events == ["turn.end"]
+
+
+def test_detector_timeout_ends_a_turn_whatever_the_model_says() -> None:
+    params = TurnParams(end_timeout_ms=640)
+    det = TurnDetector(params)
+    events = run_detector(det, frames(1000, 0.95) + frames(640, 0.02), {1: 0.0})
+    assert events[-1] == "turn.end"
+    det = TurnDetector(TurnParams())
+    events = run_detector(det, frames(1000, 0.95) + frames(3000, 0.02), {1: 0.0})
+    assert events == ["turn.start"], "a 'not complete' turn is still open after 3 s of a 5.6 s timeout"
+
+
+def test_detector_resume_after_eager_end_then_end() -> None:
+    det = TurnDetector(TurnParams())
+    probs = frames(800, 0.95) + frames(300, 0.02) + frames(600, 0.95) + frames(300, 0.02)
+    events = run_detector(det, probs, {1: 0.7, 2: 0.9})
+    assert events == ["turn.start", "turn.eager_end", "turn.resume", "turn.end"]
+
+
+def test_detector_ignores_clicks_and_stale_scores() -> None:
+    det = TurnDetector(TurnParams())
+    assert run_detector(det, [0.02, 0.99, 0.02, 0.99, 0.99, 0.02], {}) == []  # never 3 frames in a row
+    run_detector(det, frames(500, 0.95) + frames(150, 0.02), {1: 0.0})
+    assert det.turn_probability(det.pause - 1, 1.0) == [], "a score for an earlier pause changes nothing"
+
+
+@dataclass(frozen=True)
+class Frame:
+    prob: float
+
+
+@dataclass(frozen=True)
+class Score:
+    pause_delta: int  # 0: the current pause; < 0: an earlier one (stale)
+    p: float
+
+
+@dataclass(frozen=True)
+class Configure:
+    params: TurnParams
+
+
+@dataclass(frozen=True)
+class Finish:
+    pass
+
+
+valid_params = st.builds(
+    TurnParams,
+    start_threshold=st.floats(0.5, 0.9),
+    eager_end_threshold=st.floats(0.3, 0.6),
+    end_threshold=st.floats(0.05, 0.5),
+    end_timeout_ms=st.floats(640, 11200),
+).filter(lambda p: p.start_threshold > p.eager_end_threshold > p.end_threshold)
+
+probability = st.one_of(st.floats(0, 1), st.sampled_from([0.0, 0.02, 0.49, 0.5, 0.8, 0.95, 1.0]))
+ops = st.lists(
+    st.one_of(
+        st.builds(Frame, probability),
+        st.builds(Frame, probability),  # frames are the common input
+        st.builds(Score, st.integers(-2, 0), st.floats(0, 1)),
+        st.builds(Configure, valid_params),
+        st.just(Finish()),
+    ),
+    max_size=400,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(params=valid_params, script=ops)
+def test_detector_never_leaves_spec_order_with_fake_model_scores(params: TurnParams, script: list) -> None:
+    det = TurnDetector(params)
+    events: list[str] = []
+    silent_in_turn = 0
+    for op in script:
+        if isinstance(op, Frame):
+            actions = det.frame(op.prob)
+        elif isinstance(op, Score):
+            actions = det.turn_probability(det.pause + op.pause_delta, op.p)
+        elif isinstance(op, Configure):
+            actions = det.configure(op.params)
+        else:
+            actions = det.finish()
+        for action in actions:
+            if isinstance(action, CheckTurn):
+                assert det.state is not TurnState.IDLE and action.pause == det.pause
+            else:
+                events.append(action)
+        state = check_spec_order(events)
+        assert state == det.state.value
+        # The timeout bounds every turn: this many silent frames inside a turn cannot pass without an end.
+        if isinstance(op, Frame) and det.state is not TurnState.IDLE and op.prob < 0.5:
+            silent_in_turn += 1
+        elif isinstance(op, Frame) or det.state is TurnState.IDLE:
+            silent_in_turn = 0
+        limit = det.params.end_timeout_ms / FRAME_MS + PAUSE_FRAMES + 1
+        assert silent_in_turn <= limit, "a turn outlived end_timeout_ms of silence"
+
+
+# -- the session, with fake models ------------------------------------------------------------------------
+
+
+class FakeVadStream:
+    """Speech probability of a frame = its first sample (the fake audio carries its own VAD verdict)."""
+
+    pending_samples = 0
+
+    def __init__(self) -> None:
+        self._buf = np.zeros(0, dtype=np.float32)
+
+    def feed(self, samples: np.ndarray) -> np.ndarray:
+        buf = np.concatenate([self._buf, samples])
+        n = buf.size // FRAME
+        self._buf = buf[n * FRAME :]
+        return buf[: n * FRAME : FRAME].astype(np.float32)
+
+
+class FakeSmartTurn:
+    """p_complete = the second sample of the last frame, so the script decides the model's verdicts."""
+
+    def probability(self, audio: np.ndarray) -> float:
+        return float(audio[-FRAME + 1]) if audio.size >= FRAME else 0.0
+
+
+class FakeRecognizer:
+    """One word per 0.25 s of audio, honouring the forced prefix; the newest word flickers in spelling."""
+
+    def decode_utterance(self, audio, language, beam_size, offset=0.0, hotwords=None, prefix=None):
+        forced = (prefix or "").split()
+        n = max(len(forced), int(audio.size / 4000))
+        words = forced + [f"w{i}" for i in range(len(forced), n)]
+        if n > len(forced) and audio.size % 3 == 0:
+            words[-1] += "?"
+        timed = [Word(w, (i + 0.5) * 0.25, (i + 1) * 0.25) for i, w in enumerate(words)]
+        return Transcription(" " + " ".join(words) if words else "", timed)
+
+
+class FakeScheduler:
+    async def run(self, fn, priority, stale=None):
+        await asyncio.sleep(0)  # let other coroutines interleave, as a real worker thread would
+        return fn()
+
+    def depth_at_or_above(self, priority) -> int:
+        return 0
+
+
+def fake_engine() -> SimpleNamespace:
+    return SimpleNamespace(
+        vad=SimpleNamespace(stream=FakeVadStream),
+        smart_turn=FakeSmartTurn(),
+        scheduler=FakeScheduler(),
+        settings=SimpleNamespace(workers=2),
+    )
+
+
+def fake_audio(script: list[tuple[float, float, int]]) -> np.ndarray:
+    """(vad prob, p_complete, frames) runs -> float samples that carry both numbers in every frame."""
+    out = []
+    for prob, p_complete, count in script:
+        frame = np.full(FRAME, 0.001, dtype=np.float32)
+        frame[0], frame[1] = prob, p_complete
+        out.append(np.tile(frame, count))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def encode_float(samples: np.ndarray) -> bytes:
+    return samples.astype("<f4").tobytes()
+
+
+async def run_session(
+    audio: np.ndarray, chunk: int, configs: list[dict[str, float]]
+) -> list[tuple[str, str | None]]:
+    config = TurnConfig("ink-2", "pcm_f32le", 16000, TurnParams(end_timeout_ms=1000), update_interval=0.3)
+    session = TurnSession(fake_engine(), FakeRecognizer(), config)  # type: ignore[arg-type]
+    events: list[tuple[str, str | None]] = []
+
+    async def drain() -> None:
+        while True:
+            out = await (await session.outputs.get())
+            if out == "END":
+                return
+            if out is not None:
+                events.append((out.kind, out.transcript))
+
+    async def end_marker() -> str:
+        return "END"
+
+    sender = asyncio.ensure_future(drain())
+    data = encode_float(audio)
+    step = chunk * 4
+    for i, start in enumerate(range(0, len(data), step)):
+        await session.feed(data[start : start + step])
+        if configs and i % 7 == 3:
+            session.configure(configs[i % len(configs)])
+    await session.finish()
+    session.outputs.put_nowait(end_marker())
+    await sender
+    return events
+
+
+runs = st.lists(
+    st.tuples(
+        st.sampled_from([0.0, 0.1, 0.6, 0.85, 0.99]),  # VAD probability
+        st.sampled_from([0.0, 0.3, 0.7, 0.9]),  # Smart Turn's p_complete if a pause is scored there
+        st.integers(1, 60),  # frames
+    ),
+    max_size=25,
+)
+config_changes = st.lists(
+    st.fixed_dictionaries(
+        {"end_timeout_ms": st.sampled_from([640.0, 2000.0]), "end_threshold": st.sampled_from([0.1, 0.3])}
+    ),
+    max_size=2,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=runs, chunk=st.sampled_from([160, 512, 1600, 7000]), configs=config_changes)
+def test_session_with_fake_models_keeps_spec_order_and_never_revises_text(
+    script: list[tuple[float, float, int]], chunk: int, configs: list[dict[str, float]]
+) -> None:
+    events = asyncio.run(run_session(fake_audio(script), chunk, configs))
+    kinds = [k for k, _ in events if k != "turn.update"]
+    assert check_spec_order(kinds) == "idle", "close ends an open turn"
+    turn_text: str | None = None
+    session_text = ""
+    for kind, text in events:
+        if kind == "turn.start":
+            assert turn_text is None
+            turn_text = ""
+            continue
+        assert turn_text is not None, f"{kind} outside a turn: {events}"
+        if kind == "turn.resume":
+            continue
+        assert text is not None and text.startswith(turn_text), f"revised: {turn_text!r} -> {text!r}"
+        if kind == "turn.update":
+            assert len(text) > len(turn_text), "turn.update only when the transcript grew"
+        turn_text = text
+        if kind == "turn.end":
+            if session_text and text:
+                assert text.startswith(" "), "later turns carry their leading space"
+            session_text += text
+            turn_text = None
+    words = session_text.split()
+    assert all(w.rstrip("?").startswith("w") for w in words)
+
+
+def test_session_with_fake_models_same_turns_whatever_the_chunking() -> None:
+    script = [
+        (0.0, 0.0, 20),
+        (0.99, 0.0, 60),
+        (0.0, 0.95, 30),
+        (0.99, 0.0, 40),
+        (0.0, 0.7, 80),
+        (0.99, 0, 30),
+    ]
+    audio = fake_audio(script)
+    results = {chunk: asyncio.run(run_session(audio, chunk, [])) for chunk in (160, 1600, 16000)}
+    kinds = {chunk: [k for k, _ in ev if k != "turn.update"] for chunk, ev in results.items()}
+    assert kinds[160] == [
+        "turn.start",
+        "turn.end",
+        "turn.start",
+        "turn.eager_end",
+        "turn.end",
+        "turn.start",
+        "turn.end",
+    ]
+    assert kinds[160] == kinds[1600] == kinds[16000], "decisions follow the audio, not how it was chunked"
