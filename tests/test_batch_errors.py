@@ -416,6 +416,21 @@ def test_unknown_fields_and_openai_extras_are_ignored(client, speech):
     assert corpus_wer([(speech.text, str(body["text"]))]) < 0.15, body["text"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "error_code"),
+    [
+        ("GET", "/stt", 405, "method_not_allowed"),
+        ("PUT", "/v1/audio/transcriptions", 405, "method_not_allowed"),
+        ("POST", "/v1/stt", 404, "not_found"),
+    ],
+)
+def test_wrong_route_or_method(client, method, path, status, error_code):
+    response = client.request(method, path, headers=AUTH)
+    assert path in assert_error(response, status, error_code)["message"]
+    if status == 405:
+        assert response.headers["allow"] == "POST"
+
+
 def test_status_route(client):
     response = client.get("/")
     assert response.status_code == 200 and response.headers["x-request-id"]

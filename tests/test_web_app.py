@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 from starlette.testclient import TestClient
 
 from stenograph.app import create_app
@@ -61,16 +61,22 @@ def fake_mic(wav: Path) -> list[str]:
     return [FAKE_DEVICE, "--use-fake-ui-for-media-stream", f"--use-file-for-fake-audio-capture={wav}"]
 
 
-@contextlib.contextmanager
-def chromium(*args: str) -> Iterator[Browser]:
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    """One Playwright driver for the module (its sync API allows only one at a time)."""
     if not CHROMIUM.exists():
         pytest.fail("chromium is not installed: run `make system-deps`")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[*OFFLINE_ARGS, *args])
-        try:
-            yield browser
-        finally:
-            browser.close()
+        yield p
+
+
+@contextlib.contextmanager
+def chromium(playwright: Playwright, *args: str) -> Iterator[Browser]:
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[*OFFLINE_ARGS, *args])
+    try:
+        yield browser
+    finally:
+        browser.close()
 
 
 def open_page(browser: Browser, server: LiveServer) -> Page:
@@ -89,7 +95,7 @@ def run_live(page: Page, endpoint: str) -> list[dict]:
     page.click("#toggle")
     expect(page.locator("#status")).to_have_attribute("data-state", "listening", timeout=TIMEOUT_MS)
     page.wait_for_selector("#captions .utterance.settled", timeout=TIMEOUT_MS)
-    page.wait_for_function("!document.querySelector('#captions .utterance.open')", timeout=TIMEOUT_MS)
+    expect(page.locator("#captions .utterance.open")).to_have_count(0, timeout=TIMEOUT_MS)
     page.click("#toggle")
     expect(page.locator("body")).to_have_attribute("data-phase", "idle", timeout=TIMEOUT_MS)
     return page.eval_on_selector_all(
@@ -105,9 +111,11 @@ def run_live(page: Page, endpoint: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def manual_page(server: LiveServer, mic_wav: Path) -> Iterator[tuple[Page, list[dict]]]:
+def manual_page(
+    playwright: Playwright, server: LiveServer, mic_wav: Path
+) -> Iterator[tuple[Page, list[dict]]]:
     """One browser session on `/stt/websocket`; the file-upload test continues on the same page."""
-    with chromium(*fake_mic(mic_wav)) as b:
+    with chromium(playwright, *fake_mic(mic_wav)) as b:
         page = open_page(b, server)
         yield page, run_live(page, "manual")
 
@@ -170,8 +178,10 @@ def test_file_upload_words_follow_playback(manual_page: tuple[Page, list[dict]],
     assert SCREENSHOT.stat().st_size < 400_000
 
 
-def test_live_captions_turns_endpoint(server: LiveServer, mic_wav: Path, clip: Clip) -> None:
-    with chromium(*fake_mic(mic_wav)) as b:
+def test_live_captions_turns_endpoint(
+    playwright: Playwright, server: LiveServer, mic_wav: Path, clip: Clip
+) -> None:
+    with chromium(playwright, *fake_mic(mic_wav)) as b:
         page = open_page(b, server)
         captions = run_live(page, "turns")
     assert captions and all(c["settled"] for c in captions), captions
@@ -182,9 +192,9 @@ def test_live_captions_turns_endpoint(server: LiveServer, mic_wav: Path, clip: C
     assert any(c["latency"] is not None and c["latency"] >= 0 for c in captions), captions
 
 
-def test_microphone_denied_shows_clear_message(server: LiveServer) -> None:
+def test_microphone_denied_shows_clear_message(playwright: Playwright, server: LiveServer) -> None:
     # No fake-UI flag: the permission request is answered by the browser context, which grants nothing.
-    with chromium(FAKE_DEVICE) as b:
+    with chromium(playwright, FAKE_DEVICE) as b:
         context = b.new_context(permissions=[])
         page = context.new_page()
         page.goto(server.url + "/app")

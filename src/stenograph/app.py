@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -55,6 +56,14 @@ def create_app(settings: Settings, engine: Engine | None = None, preload: bool =
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         return error_response(exc, new_request_id())
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        """Routing errors (unknown path, wrong method) in the API's JSON error shape, not Starlette's text."""
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        error = ApiError(exc.status_code, code, exc.detail, message, exc.headers)
+        return error_response(error, new_request_id())
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         request_id = new_request_id()
@@ -111,7 +120,12 @@ def create_app(settings: Settings, engine: Engine | None = None, preload: bool =
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={ModelError: on_model_error, ApiError: on_api_error, Exception: on_unexpected},
+        exception_handlers={
+            ModelError: on_model_error,
+            ApiError: on_api_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
     )
     app.state.engine = engine
     app.state.settings = settings

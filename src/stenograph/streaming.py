@@ -293,15 +293,16 @@ class StreamSession:
     # -- commands ----------------------------------------------------------------------------------------
 
     def finalize(self) -> None:
-        """Everything buffered becomes final now; `flush_done` follows those finals."""
-        tail = self._decoder.flush()
-        if tail.size:
-            self._ingest(tail)
+        """Everything buffered becomes final now; `flush_done` follows those finals.
+
+        The resampler's few milliseconds of delay line stay where they are: draining it would end the stream,
+        and audio keeps coming after a `finalize`.
+        """
         self._commit(self._utt.samples)
         self.outputs.put_nowait(_ready(FlushDone(time.monotonic())))
 
     def flush_all(self) -> None:
-        """For `close`/`done`: the same commit as finalize, without the `flush_done` acknowledgement."""
+        """For `close`/`done` and shutdown: the stream ends, so the resampler is drained too."""
         tail = self._decoder.flush()
         if tail.size:
             self._ingest(tail)

@@ -78,7 +78,7 @@ def parse_turn_config(engine: Engine, params: Mapping[str, str], keyterms: list[
         encoding=encoding,
         sample_rate=protocol.parse_int(params, "sample_rate", None, MIN_INPUT_RATE, MAX_INPUT_RATE),
         params=turn,
-        keyterms=parse_keyterms(keyterms),
+        keyterms=parse_keyterms(keyterms, s),
         update_interval=s.turn_update_interval,
         max_backlog=s.stream_max_backlog,
         beam_size=s.stream_beam_size,

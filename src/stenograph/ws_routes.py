@@ -25,6 +25,7 @@ from stenograph import metrics, protocol
 from stenograph.asr import Engine
 from stenograph.audio import ENCODINGS, MAX_INPUT_RATE, MIN_INPUT_RATE, sample_width
 from stenograph.auth import Authenticator
+from stenograph.config import Settings
 from stenograph.errors import ApiError, bad_request
 from stenograph.http_routes import new_request_id
 from stenograph.limits import SessionLimiter
@@ -37,15 +38,13 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
-MAX_KEYTERMS = 100
-MAX_KEYTERM_CHARS = 1200
 
 
-def parse_keyterms(values: list[str]) -> tuple[str, ...]:
+def parse_keyterms(values: list[str], settings: Settings) -> tuple[str, ...]:
     terms = tuple(t.strip() for t in values if t.strip())
-    if len(terms) > MAX_KEYTERMS or sum(len(t) for t in terms) > MAX_KEYTERM_CHARS:
+    if len(terms) > settings.max_keyterms or sum(len(t) for t in terms) > settings.max_keyterm_chars:
         raise bad_request(
-            f"at most {MAX_KEYTERMS} keyterms and {MAX_KEYTERM_CHARS} characters in total",
+            f"at most {settings.max_keyterms} keyterms and {settings.max_keyterm_chars} characters in total",
             title="Invalid parameter",
         )
     return terms
@@ -68,7 +67,7 @@ def parse_stream_config(engine: Engine, params: Mapping[str, str], keyterms: lis
         max_silence=protocol.parse_float(
             params, "max_silence_duration_secs", s.stream_max_silence, 0.1, 30.0
         ),
-        keyterms=parse_keyterms(keyterms),
+        keyterms=parse_keyterms(keyterms, s),
         interim_interval=s.stream_interim_interval,
         max_backlog=s.stream_max_backlog,
         beam_size=s.stream_beam_size,
@@ -181,15 +180,27 @@ class StreamEndpoint:
         self, ws: WebSocket, session: Any, request_id: str, sender: asyncio.Future[None]
     ) -> str:
         """Feed frames until the end command ("closed"), a shutdown ("drained") or the client leaves."""
-        idle = self.engine.settings.idle_timeout
+        settings = self.engine.settings
+        idle = settings.idle_timeout
+        deadline = time.monotonic() + settings.max_session_seconds
         draining = asyncio.ensure_future(self.shutdown.draining.wait())
         bytes_per_second = sample_width(session.config.encoding) * session.config.sample_rate
         try:
             while True:
                 receiving = asyncio.ensure_future(ws.receive())
-                done, _ = await asyncio.wait({receiving, draining}, timeout=idle, return_when=FIRST_COMPLETED)
+                timeout = min(idle, deadline - time.monotonic())
+                done, _ = await asyncio.wait(
+                    {receiving, draining}, timeout=timeout, return_when=FIRST_COMPLETED
+                )
                 if not done:
                     receiving.cancel()
+                    if time.monotonic() >= deadline:
+                        raise ApiError(
+                            408,
+                            "session_too_long",
+                            "Session too long",
+                            f"sessions last at most {settings.max_session_seconds:g} s; open a new one",
+                        )
                     raise ApiError(408, "idle_timeout", "Idle timeout", f"no audio or message for {idle:g} s")
                 if receiving not in done:
                     receiving.cancel()
