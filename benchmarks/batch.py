@@ -3,8 +3,12 @@
 Both sides decode every eval clip with whisper-base int8, the same beam size, thread count and language. The
 server is started here as a subprocess and reached over loopback HTTP, so its numbers include everything a
 client pays for: upload, multipart parsing, container decoding, VAD chunking, scheduling and the JSON answer.
-Each clip is run through both back to back, alternating which goes first, so load from other processes hits
-both sides alike. The overhead is the server's total time over plain faster-whisper's, minus one.
+Each clip goes through both back to back, alternating which goes first, so load from other processes hits
+both sides alike.
+
+Two overheads are reported, both "server / faster-whisper - 1" over the same clips: wall-clock time (what a
+client waits) and CPU time (the work done: the server process's user+system time from /proc, the plain
+model's process time). On a shared machine the CPU-time figure is the steadier of the two.
 
     python benchmarks/batch.py                                   # the whole eval
     python benchmarks/batch.py --subsets librispeech_test_clean  # one subset
@@ -18,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +42,13 @@ API_KEY = "sk_benchmark"
 SEPARATE_SUBSETS = ("mfa_spontaneous",)
 
 
+@dataclass(frozen=True)
+class Run:
+    text: str
+    wall: float  # seconds
+    cpu: float  # seconds of CPU time, all threads
+
+
 @dataclass
 class ClipResult:
     id: str
@@ -46,8 +58,10 @@ class ClipResult:
     reference: str
     server_text: str
     plain_text: str
-    server_seconds: float
-    plain_seconds: float
+    server_wall: float
+    plain_wall: float
+    server_cpu: float
+    plain_cpu: float
 
 
 @dataclass
@@ -57,25 +71,33 @@ class Summary:
     audio_seconds: float
     server_wer: float
     plain_wer: float
-    server_speed: float  # x real time
+    server_speed: float  # x real time, wall clock
     plain_speed: float
-    overhead: float  # server time / plain time - 1
+    wall_overhead: float  # server wall time / plain wall time - 1
+    cpu_overhead: float  # server CPU time / plain CPU time - 1
 
 
 def summarize(name: str, results: list[ClipResult]) -> Summary:
     audio = sum(r.duration for r in results)
-    server = sum(r.server_seconds for r in results)
-    plain = sum(r.plain_seconds for r in results)
+    server_wall, plain_wall = sum(r.server_wall for r in results), sum(r.plain_wall for r in results)
+    server_cpu, plain_cpu = sum(r.server_cpu for r in results), sum(r.plain_cpu for r in results)
     return Summary(
         name=name,
         clips=len(results),
         audio_seconds=round(audio, 1),
         server_wer=round(corpus_wer([(r.reference, r.server_text) for r in results]), 4),
         plain_wer=round(corpus_wer([(r.reference, r.plain_text) for r in results]), 4),
-        server_speed=round(audio / server, 2),
-        plain_speed=round(audio / plain, 2),
-        overhead=round(server / plain - 1, 4),
+        server_speed=round(audio / server_wall, 2),
+        plain_speed=round(audio / plain_wall, 2),
+        wall_overhead=round(server_wall / plain_wall - 1, 4),
+        cpu_overhead=round(server_cpu / plain_cpu - 1, 4),
     )
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of another process (all its threads), from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Server:
@@ -93,20 +115,9 @@ class Server:
             "STENOGRAPH_COMPUTE_TYPE": "int8",
             "PYTHONUNBUFFERED": "1",
         }
-        args = [
-            "--port",
-            str(port),
-            "--model-dir",
-            str(model_dir),
-            "--workers",
-            str(workers),
-            "--cpu-threads",
-            str(cpu_threads),
-            "--log-level",
-            "info",
-        ]
+        args = ["--port", str(port), "--model-dir", str(model_dir), "--workers", str(workers)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stenograph", "serve", *args],
+            [sys.executable, "-m", "stenograph", "serve", *args, "--cpu-threads", str(cpu_threads)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -122,30 +133,37 @@ class Server:
             raise RuntimeError("server exited during startup:\n" + "".join(self.log))
         threading.Thread(target=lambda: self.log.extend(self.process.stdout or []), daemon=True).start()
         self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=600
+        )
+
+    def transcribe(self, clip: Clip) -> Run:
+        data = clip.path.read_bytes()
+        cpu, started = process_cpu_seconds(self.process.pid), time.perf_counter()
+        response = self.client.post(
+            "/stt",
+            files={"file": (clip.path.name, data)},
+            data={"model": "ink-whisper", "language": clip.language},
+        )
+        wall, cpu = time.perf_counter() - started, process_cpu_seconds(self.process.pid) - cpu
+        response.raise_for_status()
+        return Run(response.json()["text"], wall, cpu)
 
     def close(self) -> None:
+        self.client.close()
+        if self.process.poll() is not None:  # it died under us: say how, not only "connection refused"
+            tail = "".join(self.log[-30:])
+            print(f"server exited with status {self.process.returncode}:\n{tail}", file=sys.stderr)
+            return
         self.process.terminate()
         self.process.wait(timeout=30)
 
 
-def run_server(client: httpx.Client, clip: Clip) -> tuple[str, float]:
-    data = clip.path.read_bytes()
-    started = time.perf_counter()
-    response = client.post(
-        "/stt",
-        files={"file": (clip.path.name, data)},
-        data={"model": "ink-whisper", "language": clip.language},
-    )
-    elapsed = time.perf_counter() - started
-    response.raise_for_status()
-    return response.json()["text"], elapsed
-
-
-def run_plain(model: WhisperModel, clip: Clip, beam_size: int) -> tuple[str, float]:
-    started = time.perf_counter()
+def transcribe_plain(model: WhisperModel, clip: Clip, beam_size: int) -> Run:
+    cpu, started = time.process_time(), time.perf_counter()
     segments, _ = model.transcribe(str(clip.path), language=clip.language, beam_size=beam_size)
     text = "".join(s.text for s in segments).strip()
-    return text, time.perf_counter() - started
+    return Run(text, time.perf_counter() - started, time.process_time() - cpu)
 
 
 def select(clips: list[Clip], subsets: list[str] | None, max_clips: int) -> list[Clip]:
@@ -159,18 +177,18 @@ def select(clips: list[Clip], subsets: list[str] | None, max_clips: int) -> list
     return chosen
 
 
-def print_table(rows: list[Summary]) -> None:
+def table(rows: list[Summary]) -> str:
     header = (
-        f"{'subset':28} {'clips':>5} {'audio s':>8} {'WER':>7} {'WER fw':>7} "
-        f"{'speed':>7} {'fw':>7} {'overhead':>9}"
+        f"| {'subset':26} | clips | audio s | WER    | WER fw | speed  | fw     | wall ovh | CPU ovh |\n"
+        f"|{'-' * 28}|------:|--------:|-------:|-------:|-------:|-------:|---------:|--------:|"
     )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r.name:28} {r.clips:5d} {r.audio_seconds:8.1f} {r.server_wer:7.2%} {r.plain_wer:7.2%} "
-            f"{r.server_speed:6.1f}x {r.plain_speed:6.1f}x {r.overhead:+9.1%}"
-        )
+    lines = [
+        f"| {r.name:26} | {r.clips:5d} | {r.audio_seconds:7.1f} | {r.server_wer:6.2%} | {r.plain_wer:6.2%} "
+        f"| {r.server_speed:5.1f}x | {r.plain_speed:5.1f}x "
+        f"| {r.wall_overhead:+8.1%} | {r.cpu_overhead:+7.1%} |"
+        for r in rows
+    ]
+    return "\n".join([header, *lines])
 
 
 def machine() -> dict[str, object]:
@@ -195,17 +213,13 @@ def main() -> None:
     parser.add_argument("--beam-size", type=int, default=5)
     parser.add_argument("--cpu-threads", type=int, default=1, help="threads per model call, both sides")
     parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="server's concurrent model calls (1 = the same compute as plain faster-whisper)",
+        "--workers", type=int, default=1, help="server model calls at once (1: same as plain)"
     )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "batch.json")
     args = parser.parse_args()
 
-    clips = select(
-        load_manifest(args.eval_dir), args.subsets.split(",") if args.subsets else None, args.max_clips
-    )
+    subsets = args.subsets.split(",") if args.subsets else None
+    clips = select(load_manifest(args.eval_dir), subsets, args.max_clips)
     model_dir = args.model_dir.resolve()
     plain = WhisperModel(
         str(model_dir / "whisper-base"),
@@ -215,54 +229,45 @@ def main() -> None:
         local_files_only=True,
     )
     server = Server(model_dir, args.workers, args.cpu_threads, args.beam_size)
+    # A plain `kill` must still stop the server subprocess.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     load_before = os.getloadavg()
     results: list[ClipResult] = []
     try:
-        with httpx.Client(
-            base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=600
-        ) as client:
-            run_server(client, clips[0])  # warm-up: first-call allocations are not what is measured
-            run_plain(plain, clips[0], args.beam_size)
-            for i, clip in enumerate(clips):
-                if i % 2 == 0:
-                    server_text, server_s = run_server(client, clip)
-                    plain_text, plain_s = run_plain(plain, clip, args.beam_size)
-                else:
-                    plain_text, plain_s = run_plain(plain, clip, args.beam_size)
-                    server_text, server_s = run_server(client, clip)
-                results.append(
-                    ClipResult(
-                        clip.id,
-                        clip.subset,
-                        clip.language,
-                        clip.duration,
-                        clip.text,
-                        server_text,
-                        plain_text,
-                        round(server_s, 4),
-                        round(plain_s, 4),
-                    )
+        server.transcribe(clips[0])  # warm-up: first-call allocations are not what is measured
+        transcribe_plain(plain, clips[0], args.beam_size)
+        for i, clip in enumerate(clips):
+            if i % 2 == 0:
+                ours = server.transcribe(clip)
+                theirs = transcribe_plain(plain, clip, args.beam_size)
+            else:
+                theirs = transcribe_plain(plain, clip, args.beam_size)
+                ours = server.transcribe(clip)
+            results.append(
+                ClipResult(
+                    clip.id, clip.subset, clip.language, clip.duration, clip.text, ours.text, theirs.text,
+                    round(ours.wall, 4), round(theirs.wall, 4), round(ours.cpu, 4), round(theirs.cpu, 4),
                 )
-                print(
-                    f"[{i + 1}/{len(clips)}] {clip.id}: {clip.duration:.1f} s audio, "
-                    f"server {server_s:.2f} s, faster-whisper {plain_s:.2f} s",
-                    file=sys.stderr,
-                )
+            )  # fmt: skip
+            print(
+                f"[{i + 1}/{len(clips)}] {clip.id}: {clip.duration:.1f} s audio; wall {ours.wall:.2f} s vs "
+                f"{theirs.wall:.2f} s, CPU {ours.cpu:.2f} s vs {theirs.cpu:.2f} s",
+                file=sys.stderr,
+            )
     finally:
         server.close()
     load_after = os.getloadavg()
 
-    subsets = list(dict.fromkeys(r.subset for r in results))
-    rows = [summarize(s, [r for r in results if r.subset == s]) for s in subsets]
+    names = list(dict.fromkeys(r.subset for r in results))
+    rows = [summarize(name, [r for r in results if r.subset == name]) for name in names]
     scored = [r for r in results if r.subset not in SEPARATE_SUBSETS]
-    if scored and len(subsets) > 1:
+    if len(names) > 1 and scored:
         rows.append(summarize("all but " + ", ".join(SEPARATE_SUBSETS), scored))
-    print_table(rows)
+    print(table(rows))
     print(
-        f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
-        f"beam {args.beam_size}, {args.cpu_threads} thread(s) per model call, {args.workers} server worker(s)"
+        f"\nload average {load_before[0]:.2f} before, {load_after[0]:.2f} after; beam {args.beam_size}, "
+        f"{args.cpu_threads} thread(s) per model call, {args.workers} server worker(s)"
     )
-
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {**machine(), "load_before": load_before, "load_after": load_after},

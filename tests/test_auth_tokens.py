@@ -270,8 +270,16 @@ async def test_websocket_accepts_a_token_in_the_query(secured: LiveServer, clip:
     assert wer(clip.text, result.transcript) < 0.15, result.transcript
 
 
+async def test_turns_websocket_accepts_a_token_in_the_query(secured: LiveServer) -> None:
+    token = mint(secured.url, API_KEY, {"grants": {"stt": True}}).json()["token"]
+    url = ws_url(secured.url, "/stt/turns/websocket", {**STREAM, "model": "ink-2", "access_token": token})
+    async with websockets.connect(url) as ws:
+        assert json.loads(await ws.recv())["type"] == "connected"
+
+
+@pytest.mark.parametrize("path", ["/stt/websocket", "/stt/turns/websocket"])
 @pytest.mark.parametrize("kind", ["expired", "tampered", "alg-none", "no-stt-grant", "missing", "wrong-key"])
-async def test_websocket_handshake_refuses_bad_credentials(secured: LiveServer, kind: str) -> None:
+async def test_websocket_handshake_refuses_bad_credentials(secured: LiveServer, kind: str, path: str) -> None:
     if kind == "missing":
         params, status, code = {}, 401, "unauthorized"
     elif kind == "wrong-key":
@@ -279,7 +287,7 @@ async def test_websocket_handshake_refuses_bad_credentials(secured: LiveServer, 
     else:
         token, status, code, _ = bad_tokens()[kind]
         params = {"access_token": token}
-    url = ws_url(secured.url, "/stt/websocket", {**STREAM, **params})
+    url = ws_url(secured.url, path, {**STREAM, "model": "ink-2", **params})
     with pytest.raises(websockets.InvalidStatus) as refused:
         async with websockets.connect(url):
             pass

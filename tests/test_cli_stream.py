@@ -49,4 +49,5 @@ def test_stream_rejects_a_file_that_is_not_audio(server, tmp_path):
     junk = tmp_path / "notes.wav"
     junk.write_text("not audio at all")
     done = stream(server, str(junk), "--api-key", API_KEY)
-    assert done.returncode == 1 and done.stderr.startswith(f"error: {junk}:") and "Traceback" not in done.stderr
+    assert done.returncode == 1 and done.stderr.startswith(f"error: {junk}:")
+    assert "Traceback" not in done.stderr

@@ -1,9 +1,13 @@
 """Protocol fuzzing against the live server: random multipart bodies, headers and query strings at the batch
-routes and random JSON at `/access-token`. The server must answer every one promptly, only with a transcript
-or the API's error shape (never a 500), and a well-formed request running alongside must keep working."""
+routes, random JSON at `/access-token`, and random handshakes, audio, garbage and commands on both WebSockets.
+The server must answer every one promptly, only with the API's events or error shapes (never a 500, a 1011 or
+a hang), and a well-formed request running alongside must keep working."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import string
 import threading
 import uuid
@@ -11,9 +15,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import websockets
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from stenograph.audio import read_file
+from stenograph.client import to_wire, ws_url
 from stenograph.wer import Clip, wer
 from tests.conftest import API_KEY, LiveServer
 
@@ -134,7 +141,7 @@ def test_random_batch_requests_get_clean_answers(server: LiveServer, clip: Clip,
     log_start = len(server.log)
     audio = clip.path.read_bytes()
 
-    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(
         data=st.data(),
         route=st.sampled_from(["/stt", "/audio/transcriptions", "/v1/audio/transcriptions"]),
@@ -175,6 +182,113 @@ def test_random_batch_requests_get_clean_answers(server: LiveServer, clip: Clip,
     logged = "".join(server.log[log_start:])
     assert "Traceback" not in logged and "internal error" not in logged, logged
     assert alongside, "the well-formed requests never ran"
+    for response in alongside:
+        assert response.status_code == 200, response.text
+        assert wer(clip.text, response.json()["text"]) < 0.15
+
+
+# -- WebSockets ----------------------------------------------------------------------------------------------
+
+WS_EVENTS = {
+    "/stt/websocket": {"transcript", "flush_done", "done", "error"},
+    "/stt/turns/websocket": {
+        "connected",
+        "turn.start",
+        "turn.update",
+        "turn.eager_end",
+        "turn.resume",
+        "turn.end",
+        "error",
+    },
+}
+WS_ERROR_FIELDS = {"type", "title", "message", "error_code", "status_code", "code", "request_id"}
+END = {"/stt/websocket": "close", "/stt/turns/websocket": json.dumps({"type": "close"})}
+thresholds = st.floats(-1, 2, allow_nan=False) | st.sampled_from(["0.5", "x", None])
+text_frames = (
+    st.sampled_from(
+        ["finalize", "close", "done", '{"type":"close"}', '"finalize"', "{", "null", '{"type":"config"}']
+    )
+    | text
+    | st.builds(
+        lambda turn: json.dumps({"type": "config", "turn": turn}),
+        st.dictionaries(
+            st.sampled_from(["start_threshold", "end_threshold", "end_timeout_ms", "x"]), thresholds
+        ),
+    )
+)
+
+
+@st.composite
+def ws_session(draw: st.DrawFn, audio: bytes) -> tuple[str, dict[str, object], list[bytes | str]]:
+    """A handshake close to valid (then mutated) and a random run of audio, garbage and commands."""
+    path = draw(st.sampled_from(list(WS_EVENTS)))
+    params: dict[str, object] = {
+        "model": "ink-2" if path.endswith("turns/websocket") else "ink-whisper",
+        "encoding": "pcm_s16le",
+        "sample_rate": "16000",
+        "api_key": API_KEY,
+    }
+    for _ in range(draw(st.integers(0, 2))):
+        key = draw(st.sampled_from([*params, "language", "keyterm", "min_volume", "end_threshold"]) | text)
+        params[key] = draw(
+            field_values | st.lists(field_values, max_size=3) | query.map(lambda q: "&".join(q))
+        )
+    frames: list[bytes | str] = []
+    for _ in range(draw(st.integers(0, 6))):
+        if likely(draw, 6):  # speech, so the decoder and the turn logic run too
+            start = 2 * draw(st.integers(0, max(0, len(audio) // 2 - 1600)))  # whole samples
+            frames.append(audio[start : start + draw(st.integers(0, 32000))])
+        elif likely(draw, 5):
+            frames.append(draw(st.binary(max_size=1024)))
+        else:
+            frames.append(draw(text_frames))
+    return path, params, frames
+
+
+def check_ws_events(path: str, events: list[object], close_code: int | None) -> None:
+    for e in events:
+        assert isinstance(e, dict) and e.get("type") in WS_EVENTS[path], e
+        event(f"ws event {e['type']}")
+        if e["type"] == "error":
+            assert set(e) >= WS_ERROR_FIELDS and e["status_code"] == e["code"] and e["status_code"] < 500, e
+    event(f"ws close {close_code}")
+    assert close_code in {1000, 1008}, (close_code, events)
+
+
+async def run_ws(url: str, path: str, params: dict[str, object], frames: list[bytes | str]) -> None:
+    try:
+        ws = await websockets.connect(ws_url(url, path, params), open_timeout=TIMEOUT)
+    except websockets.InvalidStatus as exc:
+        event(f"ws handshake {exc.response.status_code}")
+        assert exc.response.status_code in {400, 401, 403, 429}, exc.response
+        body = json.loads(exc.response.body)
+        assert set(body) >= ERROR_FIELDS, body
+        return
+    events: list[object] = []
+    async with asyncio.timeout(TIMEOUT), ws:  # "never hangs"
+        with contextlib.suppress(websockets.ConnectionClosed):  # an early `close` among the frames ends it
+            for frame in [*frames, END[path]]:
+                await ws.send(frame)
+        with contextlib.suppress(websockets.ConnectionClosed):  # the close code is checked below
+            async for message in ws:
+                events.append(json.loads(message))
+    check_ws_events(path, events, ws.close_code)
+
+
+def test_random_websocket_sessions_get_clean_answers(server: LiveServer, clip: Clip, alongside) -> None:
+    log_start = len(server.log)
+    audio = to_wire(read_file(str(clip.path)), "pcm_s16le", 16000)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(session=ws_session(audio))
+    def run(session: tuple[str, dict[str, object], list[bytes | str]]) -> None:
+        asyncio.run(run_ws(server.url, *session))
+
+    run()
+
+    assert server.process.poll() is None, "the server died"
+    logged = "".join(server.log[log_start:])
+    assert "Traceback" not in logged and "internal error" not in logged, logged
     for response in alongside:
         assert response.status_code == 200, response.text
         assert wer(clip.text, response.json()["text"]) < 0.15

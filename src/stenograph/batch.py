@@ -23,6 +23,8 @@ from stenograph.vad import FRAME, SileroVad, quietest_cut
 SPEECH_THRESHOLD = 0.5
 MIN_SPEECH_FRAMES = 3  # ~100 ms of speech before a chunk is worth decoding
 FINISH_STEP = 16 * FRAME  # VAD increments while looking for speech in the last chunk (0.5 s)
+QUIET_THRESHOLD = 0.35  # below this a frame counts as pause when choosing where to cut
+MIN_CUT_PAUSE_FRAMES = 8  # a pause of 256 ms lies between words: nothing is split by cutting in it
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,27 @@ class Chunker:
         return int((self._probs >= SPEECH_THRESHOLD).sum())
 
     def _cut_point(self) -> int:
-        """Sample index of the cut: inside the longest pause in the second half of the window."""
+        """Sample index of the cut: the middle of the last clear pause in the second half of the window.
+
+        The later the cut, the fewer windows a file takes, and every window costs Whisper a full 30 s encoder
+        pass however short it is: cutting at the longest pause instead gave 18 s chunks on average and made
+        the long-form eval clip half again as slow as plain faster-whisper. Without a clear pause, the
+        quietest stretch will do.
+        """
         frames = self._max // FRAME
-        return quietest_cut(self._probs, frames // 2, frames) * FRAME
+        lo = frames // 2
+        quiet = self._probs[lo:frames] < QUIET_THRESHOLD
+        end = len(quiet)
+        while end > 0:
+            while end > 0 and not quiet[end - 1]:
+                end -= 1
+            start = end
+            while start > 0 and quiet[start - 1]:
+                start -= 1
+            if end - start >= MIN_CUT_PAUSE_FRAMES:
+                return (lo + (start + end) // 2) * FRAME
+            end = start
+        return quietest_cut(self._probs, lo, frames, QUIET_THRESHOLD) * FRAME
 
     def _emit(self, cut: int) -> Iterator[Chunk]:
         audio, probs = self._audio[:cut], self._probs[: -(-cut // FRAME)]

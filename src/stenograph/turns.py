@@ -52,6 +52,8 @@ from stenograph.vad import FRAME
 SPEECH_THRESHOLD = 0.5  # a frame at or above this is speech for pause tracking
 SUSTAIN_FRAMES = 3  # frames above start_threshold that open (or resume) a turn
 PAUSE_FRAMES = 3  # silent frames before a pause is scored
+END_HOLD_FRAMES = 8  # ~250 ms: the shortest pause that can end a turn (shorter ones are breaths and commas)
+UNFINISHED_WEIGHT = 0.5  # p_complete counts half when the words so far do not end a sentence
 LEAD_IN_SECONDS = 0.5  # audio kept before the frame that opened a turn
 SMART_TURN_SECONDS = 8.0
 HOLDBACK_WORDS = 1  # the newest agreed word is not sent until a later decode confirms what follows it
@@ -194,10 +196,11 @@ class TurnDetector:
             actions.append(CheckTurn(self.pause))
         return actions + self._judge()
 
-    def turn_probability(self, pause: int, p_complete: float) -> list[Action]:
+    def turn_probability(self, pause: int, p_complete: float, sentence_ended: bool = True) -> list[Action]:
+        """Smart Turn's score for `pause`, weighed by whether the transcript so far ends a sentence."""
         if pause != self.pause or not self.paused:
             return []
-        self._p_complete = p_complete
+        self._p_complete = p_complete if sentence_ended else p_complete * UNFINISHED_WEIGHT
         return self._judge()
 
     def finish(self) -> list[Action]:
@@ -219,7 +222,7 @@ class TurnDetector:
 
     def _judge(self) -> list[Action]:
         activity = self.activity()
-        if activity < self.params.end_threshold:
+        if activity < self.params.end_threshold and self.silence >= END_HOLD_FRAMES:
             return self._emit(END)
         if activity < self.params.eager_end_threshold and self.state is TurnState.SPEAKING:
             return self._emit(EAGER_END)
@@ -301,6 +304,7 @@ class TurnSession:
         self._last_update_at = 0
         self._update_pending = False
         self._said_anything = False  # has any turn.end carried text (output side)?
+        self._waiting: set[asyncio.Future[str | None]] = set()  # pause decodes the ingest is waiting on
 
     # -- input -------------------------------------------------------------------------------------------
 
@@ -329,17 +333,25 @@ class TurnSession:
             while pending:
                 action = pending.popleft()
                 if isinstance(action, CheckTurn):
-                    self._enqueue(self._pause_decode(self._require_turn(), action.pause, self._framed))
-                    score = await self._score(self._framed)
-                    pending.extend(self.detector.turn_probability(action.pause, score))
+                    pending.extend(await self._check(action.pause, self._framed))
                 else:
                     self._apply([action], self._framed)
             self._maybe_update()
         self._trim()
 
-    async def _score(self, upto: int) -> float:
+    async def _check(self, pause: int, upto: int) -> list[Action]:
+        """Score a pause: Smart Turn on the last 8 s, and the pause decode's text, both awaited before the
+        next frame is looked at, so decisions depend on the audio alone (not on how fast it arrives)."""
+        decoded: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._waiting.add(decoded)
+        self._enqueue(self._pause_decode(self._require_turn(), pause, upto, decoded))
         audio = self._slice(upto - int(SMART_TURN_SECONDS * SAMPLE_RATE), upto)
-        return await asyncio.to_thread(self._smart_turn.probability, audio)
+        score = asyncio.ensure_future(asyncio.to_thread(self._smart_turn.probability, audio))
+        try:
+            text = await decoded
+        finally:
+            self._waiting.discard(decoded)
+        return self.detector.turn_probability(pause, await score, ends_sentence(text or ""))
 
     def _apply(self, actions: list[Action], upto: int) -> None:
         # A pause decode stands for the turn's audio only if nothing was said after it: the detector is
@@ -439,11 +451,18 @@ class TurnSession:
         after = turn.transcript()
         return TurnEvent(UPDATE, after) if after != before else None
 
-    async def _pause_decode(self, turn: _Turn, pause: int, upto: int) -> None:
-        if turn not in self._live or (turn is self._turn and pause != self.detector.pause):
-            return None  # speech resumed before this ran: the next pause decodes again
-        words, _ = await self._decode(turn, turn.seg_start, upto, Priority.FINAL)
+    async def _pause_decode(
+        self, turn: _Turn, pause: int, upto: int, done: asyncio.Future[str | None]
+    ) -> None:
+        try:
+            words, _ = await self._decode(turn, turn.seg_start, upto, Priority.FINAL)
+        except BaseException as exc:
+            if not done.done():
+                done.set_exception(exc)
+            raise
         turn.pause = (pause, turn.seg_start, " ".join(words))
+        if not done.done():
+            done.set_result(turn.pause[2])
         return None
 
     async def _final_text(self, turn: _Turn, pause: int, upto: int) -> str:
@@ -494,10 +513,23 @@ class TurnSession:
         return words, ends
 
     def cancel(self) -> None:
+        """The connection is over (or its sender failed): drop queued work and release a waiting ingest."""
+        for waiting in self._waiting:
+            if not waiting.done():
+                waiting.set_exception(
+                    ApiError(500, "internal_error", "Internal error", "transcription stopped")
+                )
         while not self.outputs.empty():
             item = self.outputs.get_nowait()
             if asyncio.iscoroutine(item):
                 item.close()
+
+
+def ends_sentence(text: str) -> bool:
+    """Does the transcript end a sentence? Whisper punctuates by prosody and sense, so a mid-sentence pause
+    rarely ends in `.`/`?`/`!`; an empty one (a cough) is left to Smart Turn alone."""
+    text = text.rstrip("\"')]” ")
+    return not text or (text.endswith((".", "?", "!")) and not text.endswith(".."))
 
 
 def _common_prefix(a: list[str], b: list[str]) -> int:

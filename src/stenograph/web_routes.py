@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -31,13 +33,14 @@ log = logging.getLogger("stenograph.web")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 APP_PRINCIPAL = Principal("key", "app")
-# Only what the page loads: its own files, its own server's HTTP and WebSocket routes, and media from
-# the file the user drops (a blob: URL). Nothing from elsewhere, and the page may not be framed.
+# Only what the page loads: its own files, its own server's HTTP and WebSocket routes, and media from the
+# file the user drops (a blob: URL). Nothing from elsewhere, and the page may not be framed. The WebSocket
+# origins are spelled out because older Safari does not count ws:/wss: as 'self'.
+CSP = (
+    "default-src 'self'; connect-src 'self'{sockets}; media-src 'self' blob:; "
+    "img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; connect-src 'self'; media-src 'self' blob:; img-src 'self' data:; "
-        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-    ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Permissions-Policy": "microphone=(self)",
@@ -50,15 +53,24 @@ class PageFiles(StaticFiles):
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)
         response.headers.update(SECURITY_HEADERS)
+        host = Headers(scope=scope).get("host", "")
+        # A Host header that could break out of the directive gets the policy without those two sources.
+        plain = host and all(c.isalnum() or c in ".-:[]" for c in host)
+        sockets = f" ws://{host} wss://{host}" if plain else ""
+        response.headers["Content-Security-Policy"] = CSP.format(sockets=sockets)
         return response
 
 
 def same_origin(request: Request) -> bool:
-    """Browsers send `Origin` on every POST from a page; a missing one means a non-browser client."""
+    """Browsers send `Origin` on every POST from a page; a missing one means a non-browser client.
+
+    Hosts are compared, not schemes: behind a TLS-terminating proxy the page is https while the request that
+    reaches us is http, and the host is what tells this server's page from another site's.
+    """
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    return origin == f"{request.url.scheme}://{request.url.netloc}"
+    return urlsplit(origin).netloc == request.headers.get("host")
 
 
 class PageTokens:

@@ -262,7 +262,6 @@ class LiveSession {
     this.queue = [];
     this.detector = new SpeechDetector();
     this.caption = null;
-    this.turns = 0;
     this.finalizeAt = null;
     this.stopping = false;
     this.finished = false;
@@ -330,8 +329,8 @@ class LiveSession {
 
   openCaption() {
     if (!this.caption) {
-      this.turns += 1;
-      this.caption = new Caption(this.mode === "turns" ? `Turn ${this.turns}` : `#${this.turns}`);
+      captionNumber += 1;
+      this.caption = new Caption(this.mode === "turns" ? `Turn ${captionNumber}` : `#${captionNumber}`);
     }
     return this.caption;
   }
@@ -340,8 +339,12 @@ class LiveSession {
     if (event.type === "transcript") {
       if (!event.text && !this.caption) return;
       const caption = this.openCaption();
-      if (event.is_final) caption.appendFinal(event.text);
-      else {
+      if (event.is_final) {
+        caption.appendFinal(event.text);
+        // A final nobody asked for: the server ended the utterance itself (its silence timeout), which
+        // is a boundary too, without a latency to show.
+        if (this.finalizeAt === null) this.settleCaption(null, "");
+      } else {
         caption.setInterim(event.text);
         if (this.finalizeAt === null) caption.setState("speaking", "speaking");
       }
@@ -394,7 +397,7 @@ class LiveSession {
     this.caption = null;
     if (caption.empty) {
       caption.remove();
-      this.turns -= 1;
+      captionNumber -= 1;
       return;
     }
     caption.setState(this.mode === "turns" ? "ended" : "final", "settled");
@@ -444,6 +447,7 @@ class LiveSession {
 }
 
 let current = null;
+let captionNumber = 0; // numbered across sessions, so a second Start continues the list
 
 function formOptions() {
   const form = $("live-form");
@@ -464,7 +468,11 @@ function syncControls() {
   }
   $("model").disabled = turns;
   $("language").disabled = turns;
-  $("stat-latency-label").textContent = turns ? "Speech end → turn.end" : "Finalize → final";
+  $("stat-count-label").textContent = turns ? "Turns" : "Utterances";
+  $("stat-latency-label").textContent = turns ? "Turn-end latency" : "Finalize → final";
+  $("stat-latency-label").title = turns
+    ? "From the end of speech, as this page heard it, to turn.end"
+    : "From sending finalize to receiving the final transcript";
 }
 
 async function toggleLive(event) {
@@ -611,7 +619,10 @@ async function transcribeFile(file) {
 
 function setupFileCard() {
   const zone = $("dropzone");
-  $("file-input").addEventListener("change", (event) => transcribeFile(event.target.files[0]));
+  $("file-input").addEventListener("change", (event) => {
+    transcribeFile(event.target.files[0]);
+    event.target.value = ""; // choosing the same file again is a new request
+  });
   for (const name of ["dragenter", "dragover"]) {
     zone.addEventListener(name, (event) => {
       event.preventDefault();
