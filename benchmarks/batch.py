@@ -104,10 +104,15 @@ class Server:
     """`stenograph serve` on a free loopback port, ready once uvicorn reports startup complete."""
 
     def __init__(self, model_dir: Path, workers: int, cpu_threads: int, beam_size: int) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {
+        self.args = [
+            "--model-dir",
+            str(model_dir),
+            "--workers",
+            str(workers),
+            "--cpu-threads",
+            str(cpu_threads),
+        ]
+        self.env = {
             **os.environ,
             "STENOGRAPH_API_KEYS": API_KEY,
             "STENOGRAPH_BEAM_SIZE": str(beam_size),
@@ -115,10 +120,16 @@ class Server:
             "STENOGRAPH_COMPUTE_TYPE": "int8",
             "PYTHONUNBUFFERED": "1",
         }
-        args = ["--port", str(port), "--model-dir", str(model_dir), "--workers", str(workers)]
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stenograph", "serve", *args, "--cpu-threads", str(cpu_threads)],
-            env=env,
+            [sys.executable, "-m", "stenograph", "serve", "--port", str(port), *self.args],
+            env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -132,12 +143,26 @@ class Server:
         else:
             raise RuntimeError("server exited during startup:\n" + "".join(self.log))
         threading.Thread(target=lambda: self.log.extend(self.process.stdout or []), daemon=True).start()
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=600
-        )
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=600)
 
     def transcribe(self, clip: Clip) -> Run:
+        """One request; if something outside this script stopped the server, start it again and retry once."""
+        try:
+            return self._transcribe(clip)
+        except (httpx.TransportError, FileNotFoundError):
+            if self.process.poll() is None:
+                raise
+            tail = "".join(self.log[-5:])
+            print(
+                f"server exited with status {self.process.returncode}, restarting:\n{tail}", file=sys.stderr
+            )
+            self.restarts += 1
+            self.client.close()
+            self._start()
+            return self._transcribe(clip)
+
+    def _transcribe(self, clip: Clip) -> Run:
         data = clip.path.read_bytes()
         cpu, started = process_cpu_seconds(self.process.pid), time.perf_counter()
         response = self.client.post(
@@ -151,12 +176,9 @@ class Server:
 
     def close(self) -> None:
         self.client.close()
-        if self.process.poll() is not None:  # it died under us: say how, not only "connection refused"
-            tail = "".join(self.log[-30:])
-            print(f"server exited with status {self.process.returncode}:\n{tail}", file=sys.stderr)
-            return
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
 
 
 def transcribe_plain(model: WhisperModel, clip: Clip, beam_size: int) -> Run:
@@ -278,6 +300,7 @@ def main() -> None:
             "cpu_threads": args.cpu_threads,
             "server_workers": args.workers,
         },
+        "server_restarts": server.restarts,
         "summary": [asdict(r) for r in rows],
         "clips": [asdict(r) for r in results],
     }

@@ -82,6 +82,7 @@ def scrape(text: str) -> dict[str, float]:
 async def sampler(
     client: httpx.AsyncClient, samples: list[Sample], every: float, stop: asyncio.Event
 ) -> None:
+    """Samples every `every` seconds, and once more when `stop` is set (the state after the run)."""
     start = time.monotonic()
     while True:
         m = scrape((await client.get("/metrics")).text)
@@ -94,11 +95,10 @@ async def sampler(
                 queue_depth=m.get("stenograph_scheduler_queue_depth", 0),
             )
         )
-        try:
-            await asyncio.wait_for(stop.wait(), every)
+        if stop.is_set():
             return
-        except TimeoutError:
-            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
 
 
 async def batch_client(client: httpx.AsyncClient, clips: list[Clip], tally: Tally, deadline: float) -> None:

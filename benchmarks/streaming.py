@@ -26,11 +26,13 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from stenograph.audio import read_file
 from stenograph.client import Event, connect, stream_audio
@@ -74,6 +76,8 @@ class Stage:
     ttct_p95: float
     ttct_max: float
     cpu_per_stream: float  # server CPU seconds per wall second, per stream (1.0 = one core)
+    final_decodes_per_session: float  # > 1: speculative finals redone because speech resumed
+    model_seconds: dict[str, float]  # time the model threads spent, by job priority
     wer: float
     failures: int
 
@@ -90,6 +94,20 @@ def server_cpu_seconds(pid: int) -> float:
     """utime + stime of the server process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def model_work(url: str) -> Counter[str]:
+    """Model calls and model-thread seconds by job priority, from the server's /metrics counters."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        text = (await client.get("/metrics")).text
+    work: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "stenograph_model_call_seconds_sum":
+                work[sample.labels["priority"] + "_seconds"] += sample.value
+            elif sample.name == "stenograph_model_call_seconds_count":
+                work[sample.labels["priority"] + "_calls"] += sample.value
+    return work
 
 
 async def wait_until_serving(url: str) -> None:
@@ -176,10 +194,12 @@ async def stream_loop(
 async def capacity(
     url: str, pid: int, n: int, clips: list[Clip], audio: dict[str, np.ndarray], seconds: float
 ) -> Stage:
-    cpu0, wall0 = server_cpu_seconds(pid), time.monotonic()
+    work0, cpu0, wall0 = await model_work(url), server_cpu_seconds(pid), time.monotonic()
     runs = await asyncio.gather(*(stream_loop(url, i, clips, audio, seconds) for i in range(n)))
     wall = time.monotonic() - wall0
     cpu = server_cpu_seconds(pid) - cpu0
+    work = await model_work(url)
+    work.subtract(work0)
     sessions = [s for run in runs for s in run]
     ttct = [s.ttct for s in sessions if s.ttct == s.ttct]
     return Stage(
@@ -190,6 +210,8 @@ async def capacity(
         ttct_p95=round(pctl(ttct, 0.95), 4),
         ttct_max=round(max(ttct, default=float("nan")), 4),
         cpu_per_stream=round(cpu / wall / n, 3),
+        final_decodes_per_session=round(work["final_calls"] / max(1, len(sessions)), 2),
+        model_seconds={k: round(work[f"{k}_seconds"], 1) for k in ("final", "interim", "batch")},
         wer=round(corpus_wer([(s.reference, s.transcript) for s in sessions]), 4),
         failures=sum(1 for s in sessions if s.close_code != 1000 or s.ttct != s.ttct),
     )
@@ -274,12 +296,14 @@ def print_report(
     if stages:
         print(
             f"\n{'streams':>7} {'sessions':>8} {'TTCT p50':>9} {'p95':>6} {'max':>6} {'CPU/stream':>10} "
-            f"{'WER':>7} {'failed':>6}"
+            f"{'WER':>7} {'failed':>6} {'final decodes/session':>21} {'model s final/interim':>21}"
         )
         for s in stages:
+            model = f"{s.model_seconds['final']:.0f} / {s.model_seconds['interim']:.0f}"
             print(
                 f"{s.streams:>7} {s.sessions:>8} {ms(s.ttct_p50):>6} ms {ms(s.ttct_p95):>6} "
-                f"{ms(s.ttct_max):>6} {s.cpu_per_stream:>10.1%} {s.wer:>7.2%} {s.failures:>6}"
+                f"{ms(s.ttct_max):>6} {s.cpu_per_stream:>10.1%} {s.wer:>7.2%} {s.failures:>6} "
+                f"{s.final_decodes_per_session:>21.2f} {model:>21}"
             )
     print()
     for name, c in checks.items():
@@ -336,7 +360,14 @@ async def run(args: argparse.Namespace, server: Server) -> dict[str, object]:
     await one_session(server.url, clips[0], audio[clips[0].id], 0.3)  # warm-up, not measured
     load = {"before": os.getloadavg()}
     print(f"latency: {len(clips)} clips x finalize after {DELAYS} s, real time", file=sys.stderr)
+    work = await model_work(server.url)
     sessions = await latency(server.url, clips, audio)
+    work = await model_work(server.url) - work
+    print(
+        f"single stream: {work['final_calls'] / len(sessions):.2f} final decodes per session, "
+        f"{work['interim_calls'] / len(sessions):.2f} interim decodes per session",
+        file=sys.stderr,
+    )
     batch = await batch_texts(server.url, clips)
     rows = summarize(sessions, batch)
     load["after_latency"] = os.getloadavg()
@@ -363,6 +394,7 @@ async def run(args: argparse.Namespace, server: Server) -> dict[str, object]:
             "sweep_seconds_per_stream": args.sweep_seconds,
         },
         "latency": [asdict(r) for r in rows],
+        "latency_model_work": {k: round(v, 2) for k, v in work.items()},
         "capacity": [asdict(s) for s in stages],
         "targets": checks,
         "sessions": [asdict(s) for s in sessions],

@@ -32,16 +32,18 @@ from stenograph.wer import Clip, wer
 from tests.conftest import API_KEY, SECOND_KEY, LiveServer, start_server, stop_server
 
 ORIGIN = "http://app.example"
+MAX_FRAME = 64 * 1024
 WAIT_SECONDS = 60
 
 
 @pytest.fixture(scope="module")
 def limited() -> Iterator[LiveServer]:
-    """Two streams in all, one per key; CORS open to one origin."""
+    """Two streams in all, one per key; WebSocket messages up to 64 KiB; CORS open to one origin."""
     srv = start_server(
         {
             "STENOGRAPH_MAX_SESSIONS": "2",
             "STENOGRAPH_MAX_SESSIONS_PER_KEY": "1",
+            "STENOGRAPH_MAX_FRAME_BYTES": str(MAX_FRAME),
             "STENOGRAPH_CORS_ORIGINS": ORIGIN,
         }
     )
@@ -205,6 +207,26 @@ def test_a_stalled_upload_times_out_and_frees_its_slot(clip: Clip) -> None:
         stop_server(srv)
 
 
+def test_json_logs_carry_the_request_id(clip: Clip) -> None:
+    srv = start_server({"STENOGRAPH_LOG_FORMAT": "json"})
+    try:
+        response = post_clip(srv.url, clip, {"X-API-Key": API_KEY})
+        assert response.status_code == 200
+        request_id = response.json()["request_id"]
+        assert response.headers["x-request-id"] == request_id
+        refused = post_clip(srv.url, clip, {}).json()["request_id"]
+        wait_until(lambda: sum(refused in line for line in srv.log) >= 1, "the refusal to be logged")
+        lines = list(srv.log)
+        entries = [json.loads(line) for line in lines if line.startswith("{")]
+        assert len(entries) == len(lines), "every log line is one JSON object"
+        mine = [e for e in entries if e.get("request_id") == request_id]
+        assert {e["logger"] for e in mine} >= {"stenograph.http", "uvicorn.access"}, mine
+        assert any(e.get("request_id") == refused and "401" in e["message"] for e in entries)
+        assert {"time", "level", "logger", "message"} <= set(entries[0])
+    finally:
+        stop_server(srv)
+
+
 def test_health_and_readiness(limited: LiveServer) -> None:
     health = httpx.get(limited.url + "/healthz")
     assert health.status_code == 200 and health.json() == {"ok": True}
@@ -356,3 +378,19 @@ async def test_sigterm_delivers_pending_finals_then_closes_1001(clip: Clip, endp
         assert "all streams finished" in "".join(srv.log)
     finally:
         stop_server(srv)
+
+
+async def test_websocket_frames_over_the_limit_close_the_session_1009(
+    limited: LiveServer, clip: Clip
+) -> None:
+    url = ws_url(limited.url, MANUAL.path, {**MANUAL.params, "api_key": API_KEY})
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send(b"\0" * MAX_FRAME)  # at the limit: fine
+        await ws.send(b"\0" * (MAX_FRAME + 1))
+        with pytest.raises(websockets.ConnectionClosedError):
+            await asyncio.wait_for(ws.recv(), WAIT_SECONDS)
+    assert ws.close_code == 1009
+    # The slot is given back and the server goes on serving.
+    active = lambda: metric(limited.url, "stenograph_active_sessions", endpoint="websocket")  # noqa: E731
+    await asyncio.to_thread(wait_until, lambda: active() == 0, "the slot to be released")
+    assert post_clip(limited.url, clip, {"X-API-Key": API_KEY}).status_code == 200

@@ -117,8 +117,7 @@ async def test_legacy_done_command_flushes_then_done_and_close_1000(server, shor
     await send_audio(ws, audio_of(short_clip))
     await ws.send("done")
     events = await drain(ws)
-    assert skeleton(events)[-1] == "done" and "final" in skeleton(events)
-    assert ws.close_code == 1000
+    assert skeleton(events) == ["final", "done"] and ws.close_code == 1000
     assert wer(short_clip.text, transcript(events)) < 0.1, transcript(events)
 
 

@@ -21,6 +21,7 @@ from stenograph.errors import ApiError
 from stenograph.turns import (
     FRAME_MS,
     PAUSE_FRAMES,
+    UNFINISHED_WEIGHT,
     CheckTurn,
     IllegalTransition,
     TurnConfig,
@@ -29,6 +30,7 @@ from stenograph.turns import (
     TurnSession,
     TurnState,
     TurnStateMachine,
+    ends_sentence,
 )
 from stenograph.vad import FRAME
 
@@ -115,16 +117,29 @@ def frames(ms: float, prob: float) -> list[float]:
     return [prob] * round(ms / FRAME_MS)
 
 
-def test_detector_confident_end_is_immediate_and_unsure_end_waits() -> None:
+def test_detector_confident_end_after_the_hold_and_unsure_end_waits() -> None:
     det = TurnDetector(TurnParams())
     events = run_detector(det, frames(1000, 0.95) + frames(200, 0.02), {1: 0.95})
-    assert events == ["turn.start", "turn.end"]
+    assert events == ["turn.start", "turn.eager_end"], "an eager end at once, no end inside the hold"
+    assert run_detector(det, frames(100, 0.02), {}) == ["turn.end"]
     det = TurnDetector(TurnParams())
     # p_complete 0.7: activity 0.3 -> eager end at once, end once (1 - s/T) * 0.3 < 0.2, i.e. s > T/3.
     events = run_detector(det, frames(1000, 0.95) + frames(1500, 0.02), {1: 0.7})
     assert events == ["turn.start", "turn.eager_end"]
     events = run_detector(det, frames(500, 0.02), {})
     assert events == ["turn.end"]
+
+
+def test_detector_discounts_a_confident_score_when_the_words_do_not_end_a_sentence() -> None:
+    det = TurnDetector(TurnParams())
+    assert run_detector(det, frames(1000, 0.95) + frames(100, 0.02), {}) == ["turn.start"]
+    assert det.turn_probability(det.pause, 0.95, sentence_ended=False) == []
+    assert det.activity() == pytest.approx(1 - 0.95 * UNFINISHED_WEIGHT, abs=0.03)
+    assert run_detector(det, frames(1000, 0.02), {}) == [], "not even an eager end 1.1 s into the pause"
+    assert "turn.end" not in run_detector(det, frames(1500, 0.02), {}), "still open 2.6 s into the pause"
+    assert ends_sentence(" I'd like a table.") and ends_sentence(' He said "no!"') and ends_sentence("")
+    assert not ends_sentence(" I'd like a table") and not ends_sentence(" and then...")
+    assert not ends_sentence(" for two,")
 
 
 def test_detector_timeout_ends_a_turn_whatever_the_model_says() -> None:
@@ -141,7 +156,7 @@ def test_detector_resume_after_eager_end_then_end() -> None:
     det = TurnDetector(TurnParams())
     probs = frames(800, 0.95) + frames(300, 0.02) + frames(600, 0.95) + frames(300, 0.02)
     events = run_detector(det, probs, {1: 0.7, 2: 0.9})
-    assert events == ["turn.start", "turn.eager_end", "turn.resume", "turn.end"]
+    assert events == ["turn.start", "turn.eager_end", "turn.resume", "turn.eager_end", "turn.end"]
 
 
 def test_detector_ignores_clicks_and_stale_scores() -> None:
@@ -385,12 +400,8 @@ def test_session_with_fake_models_same_turns_whatever_the_chunking() -> None:
     results = {chunk: asyncio.run(run_session(audio, chunk, [])) for chunk in (160, 1600, 16000)}
     kinds = {chunk: [k for k, _ in ev if k != "turn.update"] for chunk, ev in results.items()}
     assert kinds[160] == [
-        "turn.start",
-        "turn.end",
-        "turn.start",
-        "turn.eager_end",
-        "turn.end",
-        "turn.start",
-        "turn.end",
+        *("turn.start", "turn.eager_end", "turn.end"),  # p 0.95: eager at once, the end after the hold
+        *("turn.start", "turn.eager_end", "turn.end"),  # p 0.7: eager at once, the end ~1/3 into the timeout
+        *("turn.start", "turn.end"),  # close ends the open turn
     ]
     assert kinds[160] == kinds[1600] == kinds[16000], "decisions follow the audio, not how it was chunked"

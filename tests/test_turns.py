@@ -107,14 +107,16 @@ def check_events(events: list) -> list[str]:
 def test_sdk_multi_turn_librispeech_faster_than_real_time(server, clips, vad) -> None:
     chosen = one_phrase_clips(clips, vad, 4)
     gaps = [1.0, 1.5, 2.0, 1.2]
-    audio = np.concatenate([part for (_, a), gap in zip(chosen, gaps) for part in (a, silence(gap))])
+    audio = np.concatenate(
+        [part for (_, a), gap in zip(chosen, gaps, strict=True) for part in (a, silence(gap))]
+    )
     events = asyncio.run(session(server, audio))
     ends = check_events(events)
     assert len(ends) == len(chosen), [(e.type, getattr(e, "transcript", None)) for e in events]
     assert sum(e.type == "turn.start" for e in events) == len(chosen)
     references = " ".join(clip.text for clip, _ in chosen)
     assert corpus_wer([(references, "".join(ends))]) < 0.12, ends
-    for (clip, _), transcript in zip(chosen, ends):
+    for (clip, _), transcript in zip(chosen, ends, strict=True):
         assert corpus_wer([(clip.text, transcript)]) < 0.25, (clip.text, transcript)
 
 
@@ -148,8 +150,8 @@ def incomplete_phrase(server, clips) -> np.ndarray:
 
 
 def test_config_command_changes_the_end_timeout(server, clips, vad) -> None:
-    """An unfinished phrase, 1.5 s of silence, then a full sentence. With the default 5.6 s timeout that is one
-    turn; after `config` lowers `end_timeout_ms` to 640 the silence ends the first turn: two turns."""
+    """An unfinished phrase, 1.5 s of silence, then a full sentence. With the default 5.6 s timeout that is
+    one turn; after `config` lowers `end_timeout_ms` to 640 the silence ends the first turn: two turns."""
     ((_, sentence),) = one_phrase_clips(clips, vad, 1)
     audio = np.concatenate([incomplete_phrase(server, clips), silence(1.5), sentence, silence(0.5)])
     plain = check_events(asyncio.run(session(server, audio)))

@@ -108,24 +108,29 @@ class Recognizer:
         offset: float = 0.0,
         hotwords: str | None = None,
     ) -> Transcription:
+        """Decode one batch chunk (at most Whisper's 30 s window, see batch.py) in a single window.
+
+        With timestamp tokens Whisper often leaves a chunk's last sentence for "the next window", and with
+        word timestamps faster-whisper always seeks back to the last word's end: either way the tail is
+        decoded again with a whole second 30 s encoder pass, which made long files a third slower than plain
+        faster-whisper (that carries the tail into its next window instead) and turned trailing silence into
+        "you." hallucinations. Without timestamp tokens the first window is one segment holding the whole
+        chunk, so decoding stops there; LibriSpeech WER was also lower this way (README, benchmarks/batch.py).
+        """
         segments, _ = self.model.transcribe(
             audio,
             language=language if self.languages is None else "en",
             beam_size=beam_size,
             word_timestamps=word_timestamps,
             condition_on_previous_text=False,
+            without_timestamps=True,
             vad_filter=False,
             hotwords=hotwords,
         )
-        texts: list[str] = []
-        words: list[Word] = []
-        for seg in segments:
-            texts.append(seg.text)
-            for w in seg.words or ():
-                token = w.word.strip()
-                if token:
-                    words.append(Word(token, offset + w.start, offset + w.end))
-        return Transcription("".join(texts), words)
+        first = next(iter(segments), None)  # the generator decodes lazily: later windows never run
+        if first is None:
+            return Transcription("", [])
+        return Transcription(first.text, _words([first], offset))
 
     def decode_utterance(
         self,
@@ -135,41 +140,34 @@ class Recognizer:
         offset: float = 0.0,
         hotwords: str | None = None,
         prefix: str | None = None,
+        word_timestamps: bool = True,
     ) -> Transcription:
-        """Low-latency decode of one utterance (< 30 s) for streaming, with word timestamps.
+        """Low-latency decode of one utterance (< 30 s) for streaming.
 
         The encoder gets the utterance plus a little padding rather than Whisper's fixed 30 s window, which is
         most of the cost for short audio. Whisper was trained on 30 s windows and occasionally loops on short
         ones, so a result that looks like a loop (high compression ratio, implausible word rate) is decoded
         again with the full window. `prefix` forces the decoder to start with already-committed text.
         """
-        features = self.model.feature_extractor(audio)
-        frames = features.shape[-1]
-        short = min(FULL_WINDOW_FRAMES, frames + SHORT_WINDOW_PAD_FRAMES)
-        result = self._decode_window(features, short, language, beam_size, offset, hotwords, prefix)
-        if short < FULL_WINDOW_FRAMES and _looks_degenerate(result, audio.size / 16000):
-            result = self._decode_window(
-                features, FULL_WINDOW_FRAMES, language, beam_size, offset, hotwords, prefix
-            )
-        return Transcription("".join(s.text for s in result), _words(result, offset))
-
-    def _decode_window(
-        self,
-        features: np.ndarray,
-        window: int,
-        language: str,
-        beam_size: int,
-        offset: float,
-        hotwords: str | None,
-        prefix: str | None,
-    ) -> list[Segment]:
         tokenizer = Tokenizer(
             self.model.hf_tokenizer,
             self.model.model.is_multilingual,
             task="transcribe",
             language=language if self.languages is None else "en",
         )
-        options = _streaming_options(tokenizer, beam_size, hotwords if not prefix else None, prefix)
+        options = _streaming_options(
+            tokenizer, beam_size, hotwords if not prefix else None, prefix, word_timestamps
+        )
+        features = self.model.feature_extractor(audio)
+        short = min(FULL_WINDOW_FRAMES, features.shape[-1] + SHORT_WINDOW_PAD_FRAMES)
+        result = self._decode_window(features, short, tokenizer, options)
+        if short < FULL_WINDOW_FRAMES and _looks_degenerate(result, audio.size / 16000):
+            result = self._decode_window(features, FULL_WINDOW_FRAMES, tokenizer, options)
+        return Transcription("".join(s.text for s in result), _words(result, offset))
+
+    def _decode_window(
+        self, features: np.ndarray, window: int, tokenizer: Tokenizer, options: TranscriptionOptions
+    ) -> list[Segment]:
         encoder_output = self.model.encode(pad_or_trim(features[:, :FULL_WINDOW_FRAMES], window))
         segments = self.model.generate_segments(
             features, tokenizer, options, False, encoder_output=encoder_output
@@ -182,9 +180,9 @@ class Recognizer:
 
 
 def _streaming_options(
-    tokenizer: Tokenizer, beam_size: int, hotwords: str | None, prefix: str | None
+    tokenizer: Tokenizer, beam_size: int, hotwords: str | None, prefix: str | None, word_timestamps: bool
 ) -> TranscriptionOptions:
-    """Greedy-ish, single temperature, no timestamp tokens (word times come from alignment instead)."""
+    """Single temperature, no timestamp tokens (word times, when wanted, come from alignment instead)."""
     return TranscriptionOptions(
         beam_size=beam_size,
         best_of=1,
@@ -204,7 +202,7 @@ def _streaming_options(
         suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
         without_timestamps=True,
         max_initial_timestamp=1.0,
-        word_timestamps=True,
+        word_timestamps=word_timestamps,
         prepend_punctuations="\"'“¿([{-",
         append_punctuations="\"'.。,，!！?？:：”)]}、",
         multilingual=False,
@@ -278,6 +276,13 @@ class Engine:
                 self._recognizers[spec.name] = rec
             return rec
 
+    def interim_recognizer(self, model_id: str, language: str) -> Recognizer:
+        """The model for a session's interims: the configured small English model for English sessions."""
+        name = self.settings.stream_interim_model
+        if not name or language != "en":
+            return self.recognizer(model_id)
+        return self.recognizer(name)
+
     def languages(self, model_id: str) -> frozenset[str]:
         langs = self.recognizer(model_id).languages
         return WHISPER_LANGUAGES if langs is None else langs
@@ -301,8 +306,9 @@ class Engine:
         """Load (and hash-check) models up front so the first request doesn't pay for it."""
         _ = self.vad
         _ = self.smart_turn
-        for model_id in model_ids:
-            self.recognizer(model_id)
+        for model_id in [*model_ids, self.settings.stream_interim_model]:
+            if model_id:
+                self.recognizer(model_id)
 
     @property
     def ready(self) -> bool:

@@ -1,9 +1,10 @@
 """Whole-file transcription: decode incrementally, cut at silences, decode chunks in parallel, in order.
 
-Whisper sees at most 30 s at a time. Cutting blindly every 30 s splits words, so the cut goes at the quietest
-stretch of the last part of each window (Silero VAD). Chunks with no speech are never decoded, which is also
-what keeps silence and noise from turning into hallucinated text. Memory stays bounded: at most one window of
-pending audio plus the chunks in flight, whatever the file length.
+Whisper sees at most 30 s at a time. Cutting blindly every 30 s splits words, so the cut goes in the last
+clear pause of each window's second half (Silero VAD), and each chunk is decoded in exactly one window.
+Chunks with no speech are never decoded, which is also what keeps silence and noise from turning into
+hallucinated text. Memory stays bounded: at most one window of pending audio plus the chunks in flight,
+whatever the file length.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from stenograph.audio import SAMPLE_RATE
 from stenograph.scheduler import Priority
 from stenograph.vad import FRAME, SileroVad, quietest_cut
 
+WHISPER_WINDOW_SECONDS = 30.0
 SPEECH_THRESHOLD = 0.5
 MIN_SPEECH_FRAMES = 3  # ~100 ms of speech before a chunk is worth decoding
 FINISH_STEP = 16 * FRAME  # VAD increments while looking for speech in the last chunk (0.5 s)
@@ -45,7 +47,8 @@ class Chunker:
 
     def __init__(self, vad: SileroVad, max_seconds: float) -> None:
         self._vad = vad.stream()
-        self._max = int(max_seconds * SAMPLE_RATE) // FRAME * FRAME
+        # Recognizer.transcribe decodes a chunk in one Whisper window, so a chunk may not be longer than one.
+        self._max = int(min(max_seconds, WHISPER_WINDOW_SECONDS) * SAMPLE_RATE) // FRAME * FRAME
         self._audio = np.zeros(0, dtype=np.float32)
         self._probs = np.zeros(0, dtype=np.float32)  # per frame of self._audio, only as far as analysed
         self._fed = 0  # samples of self._audio given to the VAD so far

@@ -36,6 +36,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from stenograph import logs
     from stenograph.app import create_app
     from stenograph.shutdown import serve
 
@@ -49,6 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"stenograph: no API keys configured, serving without authentication on {settings.host}",
               file=sys.stderr)
     try:
+        logs.configure(settings.log_format, args.log_level)  # first, so app start-up logs are in the format
         serve(create_app(settings), settings, args.log_level)
     except ValueError as exc:  # a setting the app refuses (e.g. a malformed key or log format)
         sys.exit(f"error: {exc}")

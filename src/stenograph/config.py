@@ -81,6 +81,9 @@ class Settings:
     stream_interim_interval: float = 1.0  # seconds of new audio between interim decodes
     stream_max_backlog: float = 300.0  # seconds of untranscribed audio a session may queue
     stream_beam_size: int = 1
+    # Interims of English sessions are decoded with this smaller model (empty: the session's own model):
+    # they are for display, get replaced by the final, and are most of a stream's model time.
+    stream_interim_model: str = "whisper-tiny.en"
     # Turn detection (`/stt/turns/websocket`): defaults for the turn_* query parameters, and the knobs.
     turn_start_threshold: float = 0.8
     turn_eager_end_threshold: float = 0.4

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 from stenograph import metrics
-from stenograph.auth import Principal
+from stenograph.auth import OPEN, Principal
 from stenograph.errors import ApiError, overloaded
 
 
@@ -58,7 +58,7 @@ class SessionLimiter:
             raise shutting_down()
         if self.max_sessions and self._active >= self.max_sessions:
             raise self._refusal(f"the server is at its limit of {self.max_sessions} concurrent streams")
-        per_key = principal.kind != "open" and self.max_sessions_per_key
+        per_key = principal.key_id != OPEN.key_id and self.max_sessions_per_key
         if per_key and self._per_key[principal.key_id] >= self.max_sessions_per_key:
             raise self._refusal(f"this API key is at its limit of {self.max_sessions_per_key} open streams")
         self._active += 1

@@ -30,7 +30,6 @@ import time
 import uvicorn
 from starlette.applications import Starlette
 
-from stenograph import logs
 from stenograph.config import Settings
 from stenograph.limits import SessionLimiter
 
@@ -77,13 +76,16 @@ class GracefulServer(uvicorn.Server):
             server.close()
         for sock in sockets or []:
             sock.close()
-        await self.coordinator.drain()
+        drain = asyncio.ensure_future(self.coordinator.drain())
+        # A second Ctrl-C (uvicorn's force exit) cuts the grace period short.
+        while not drain.done() and not self.force_exit:
+            await asyncio.wait({drain}, timeout=0.1)
+        drain.cancel()
         await super().shutdown(sockets)
 
 
 def serve(app: Starlette, settings: Settings, log_level: str) -> None:
-    """Run an app from `create_app` under uvicorn, with the drain above and the configured log format."""
-    logs.configure(settings.log_format, log_level)
+    """Run an app from `create_app` under uvicorn with the drain above; logging as `logs.configure` set it."""
     config = uvicorn.Config(
         app,
         host=settings.host,

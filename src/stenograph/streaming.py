@@ -88,6 +88,7 @@ class StreamSession:
     def __init__(self, engine: Engine, recognizer: Recognizer, config: StreamConfig) -> None:
         self.engine = engine
         self.recognizer = recognizer
+        self._interim_recognizer = engine.interim_recognizer(config.model_id, config.language)
         self.config = config
         self.outputs: asyncio.Queue[Awaitable[Output | None]] = asyncio.Queue()
         self._decoder = PcmDecoder(config.encoding, config.sample_rate)
@@ -188,12 +189,16 @@ class StreamSession:
     def _decode(
         self, audio: np.ndarray, start: int, priority: Priority, generation: int | None = None
     ) -> asyncio.Future[Transcription]:
+        """Schedule a decode. Interims (those with a `generation` to go stale against) use the interim model
+        and skip word alignment: the final replaces them anyway, and they are most of the model time."""
         offset = start / SAMPLE_RATE
         cfg = self.config
+        interim = generation is not None
+        recognizer = self._interim_recognizer if interim else self.recognizer
 
         def job() -> Transcription:
-            return self.recognizer.decode_utterance(
-                audio, cfg.language, cfg.beam_size, offset, self._hotwords
+            return recognizer.decode_utterance(
+                audio, cfg.language, cfg.beam_size, offset, self._hotwords, word_timestamps=not interim
             )
 
         stale = None if generation is None else (lambda: generation != self._generation)

@@ -199,6 +199,7 @@ class TurnStream:
                 continue
             except Exception:
                 log.exception("turns %s: decode failed", request_id)
+                session.cancel()  # an ingest waiting on a pause decode must not wait forever
                 error = ApiError(500, "internal_error", "Internal error", "transcription failed")
                 await send_error_and_close(ws, error, request_id, CLOSE_INTERNAL)
                 raise

@@ -25,8 +25,11 @@ arrives in real time or ten times faster. `TurnDetector` holds that logic, pure 
 feeds it and does the decoding.
 
 **Transcripts are never revised.** Within a turn, text goes out only once it is stable: the words on which two
-successive decodes agree, less the last one. Every later decode forces the text already sent as Whisper's
-prefix, so it can only extend it; at a pause the whole decode is sent with `turn.eager_end` / `turn.end`.
+successive decodes agree, less the last one. Later decodes keep the sent words verbatim and contribute only
+what follows them (by position when they agree with it, else by word time), so text can only be extended; at
+a pause the whole decode goes out with `turn.eager_end` / `turn.end`. (Forcing the sent text as Whisper's
+prefix does the same in theory, but short-window decodes with a forced prefix often loop until the token
+limit: seconds per decode.)
 Outputs are a FIFO of coroutines run one at a time by the sender, so text state changes in wire order and
 decodes of one session never overlap. A turn's transcript starts with a space when an earlier turn carried
 text, so the session transcript is the plain concatenation of the `turn.end` transcripts.
@@ -489,28 +492,27 @@ class TurnSession:
     async def _decode(
         self, turn: _Turn, start: int, end: int, priority: Priority
     ) -> tuple[list[str], list[int]]:
-        """Words of the open segment (the sent text forced as the prefix) and each word's end sample."""
+        """Words of the open segment, the sent ones verbatim first, and each word's end sample."""
         audio = self._slice(start, end)
-        forced = turn.sent.split()
+        sent = turn.sent.split()
         if audio.size < FRAME:
-            return forced, [turn.words_end] * len(forced)
-        prefix = turn.sent or None
+            return sent, [turn.words_end] * len(sent)
         cfg = self.config
 
         def job() -> Transcription:
-            return self.recognizer.decode_utterance(audio, "en", cfg.beam_size, 0.0, self._hotwords, prefix)
+            return self.recognizer.decode_utterance(audio, "en", cfg.beam_size, 0.0, self._hotwords)
 
         stale: Callable[[], bool] | None = None
         if priority is Priority.INTERIM:
             stale = lambda: turn not in self._live  # noqa: E731
         result: Transcription = await self.engine.scheduler.run(job, priority, stale)
-        words = [w.word for w in result.words] or result.text.split()
-        ends = [start + int(w.end * SAMPLE_RATE) for w in result.words]
-        if len(ends) != len(words):
-            ends = [end] * len(words)
-        if not " ".join(words).startswith(turn.sent):  # drifted from the forced prefix: keep what was sent
-            return forced, [turn.words_end] * len(forced)
-        return words, ends
+        timed = [
+            (w.word, start + int(w.start * SAMPLE_RATE), start + int(w.end * SAMPLE_RATE))
+            for w in result.words
+        ]
+        if not timed:
+            timed = [(word, end, end) for word in result.text.split()]
+        return extend_sent(sent, turn.words_end, timed)
 
     def cancel(self) -> None:
         """The connection is over (or its sender failed): drop queued work and release a waiting ingest."""
@@ -523,6 +525,25 @@ class TurnSession:
             item = self.outputs.get_nowait()
             if asyncio.iscoroutine(item):
                 item.close()
+
+
+def extend_sent(
+    sent: list[str], sent_end: int, decoded: list[tuple[str, int, int]]
+) -> tuple[list[str], list[int]]:
+    """The sent words, verbatim, then what a new decode heard after them; with each word's end sample.
+
+    When the decode agrees with the sent words (ignoring case and punctuation) the rest follows by position;
+    when it heard them differently, the words centred after the last sent word's end are the continuation.
+    """
+    if [_plain(w) for w, _, _ in decoded[: len(sent)]] == [_plain(w) for w in sent]:
+        rest = decoded[len(sent) :]
+    else:
+        rest = [d for d in decoded if (d[1] + d[2]) / 2 > sent_end]
+    return sent + [w for w, _, _ in rest], [sent_end] * len(sent) + [e for _, _, e in rest]
+
+
+def _plain(word: str) -> str:
+    return "".join(ch for ch in word.lower() if ch.isalnum())
 
 
 def ends_sentence(text: str) -> bool:

@@ -1,0 +1,265 @@
+"""Turn detection on `WS /stt/turns/websocket`: end-of-turn latency and false cut-offs, on real speech.
+
+The server runs as a subprocess with default settings. Word timestamps for every clip come from our own
+batch API (`POST /stt`, word granularity). Measured:
+
+- Latency: complete LibriSpeech sentences (trimmed 50 ms after the last word, then 6 s of silence) streamed in
+  real time in 100 ms chunks, as a microphone would deliver them (a chunk leaves when its last sample has been
+  recorded). Latency is from the end of the last word to the arrival of the turn's `turn.end`, and of its
+  first `turn.eager_end` when there is one.
+- False cut-offs: the same sentences with a 300-800 ms pause inserted at a word boundary in the middle. A
+  cut-off is a session with more turns than the same sentence without the pause. Turn decisions follow the
+  audio, not the clock, so these sessions are sent as fast as the server takes them.
+- Baseline: plain silence endpointing on the same Silero VAD (a turn ends after N ms below 0.5), on the same
+  audio: its false cut-off rate, and its decision latency (audio time, before any transcription).
+
+    python benchmarks/turns.py               # 20 clips (about 8 minutes)
+    python benchmarks/turns.py --clips 5     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stenograph.audio import SAMPLE_RATE, read_file
+from stenograph.client import connect, pace, to_wire
+from stenograph.vad import FRAME, SileroVad
+from stenograph.wer import Clip, corpus_wer, load_manifest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batch import API_KEY, Server, machine
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL = Path(os.environ.get("STENOGRAPH_EVAL_DIR", ROOT.parent / "shared" / "eval"))
+STREAM = {"model": "ink-2", "encoding": "pcm_s16le", "sample_rate": SAMPLE_RATE}
+CHUNK = 0.1
+LEAD_SILENCE = 0.3
+TAIL_SILENCE = 6.0  # longer than the default end timeout's decay (0.8 x 5.6 s)
+BASELINE_SILENCE_MS = (300, 500, 800)
+TARGETS = {"end_p50": 0.400, "eager_end_p50": 0.250, "false_cutoff_rate": 0.10}
+
+
+@dataclass
+class LatencySession:
+    clip: str
+    turns: int
+    end_latency: float | None  # seconds from the end of the last word to the last turn.end
+    eager_latency: float | None  # ... to the first turn.eager_end after the speech ended
+    transcript: str
+    reference: str
+
+
+@dataclass
+class PauseSession:
+    clip: str
+    pause_at: float  # seconds into the clip (a word boundary)
+    pause: float
+    turns: int
+    turns_without_pause: int
+    cut_off: bool
+    baseline_cut_off: dict[str, bool]
+
+
+def word_times(server: Server, clip: Clip) -> list[tuple[float, float]]:
+    response = server.client.post(
+        "/stt",
+        files={"file": (clip.path.name, clip.path.read_bytes())},
+        data={"model": "ink-whisper", "language": "en", "timestamp_granularities[]": "word"},
+    )
+    response.raise_for_status()
+    return [(w["start"], w["end"]) for w in response.json()["words"]]
+
+
+async def run_session(
+    base_url: str, audio: np.ndarray, realtime: bool
+) -> tuple[list[tuple[float, dict]], float]:
+    """Stream `audio` then `close`; returns (arrival time, event) pairs and the wall time of audio time 0."""
+    ws = await connect(base_url, "/stt/turns/websocket", api_key=API_KEY, **STREAM)
+    events: list[tuple[float, dict]] = []
+
+    async def receive() -> None:
+        async for raw in ws:
+            events.append((time.monotonic(), json.loads(raw)))
+
+    receiver = asyncio.ensure_future(receive())
+    step = int(CHUNK * SAMPLE_RATE)
+    pieces = [to_wire(audio[i : i + step], "pcm_s16le", SAMPLE_RATE) for i in range(0, audio.size, step)]
+    # `pace` sends chunk i at start + i * CHUNK; a microphone sends it once recorded, CHUNK later. So the
+    # microphone's clock for audio time t reads start - CHUNK + t.
+    origin = time.monotonic() - CHUNK
+    async for piece in pace(pieces, CHUNK, realtime):
+        await ws.send(piece)
+    await ws.send(json.dumps({"type": "close"}))
+    await receiver
+    return events, origin
+
+
+def base_url(server: Server) -> str:
+    return str(server.client.base_url).rstrip("/")
+
+
+def turn_ends(events: list[tuple[float, dict]]) -> list[str]:
+    return [e["transcript"] for _, e in events if e["type"] == "turn.end"]
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
+
+
+def baseline_turns(vad: SileroVad, audio: np.ndarray, silence_ms: int) -> int:
+    """Turns by plain silence endpointing: a turn ends after `silence_ms` of frames below 0.5."""
+    need = round(silence_ms / (FRAME / SAMPLE_RATE * 1000))
+    turns, in_turn, quiet = 0, False, 0
+    for p in vad.speech_probabilities(audio):
+        if p >= 0.5:
+            quiet = 0
+            if not in_turn:
+                in_turn, turns = True, turns + 1
+        elif in_turn:
+            quiet += 1
+            if quiet >= need:
+                in_turn = False
+    return turns
+
+
+def baseline_latency(vad: SileroVad, audio: np.ndarray, speech_end: float, silence_ms: int) -> float | None:
+    """Audio time from the end of the last word to the baseline's decision."""
+    need = round(silence_ms / (FRAME / SAMPLE_RATE * 1000))
+    quiet = 0
+    for i, p in enumerate(vad.speech_probabilities(audio)):
+        t = (i + 1) * FRAME / SAMPLE_RATE
+        quiet = quiet + 1 if p < 0.5 else 0
+        if t > speech_end and quiet >= need:
+            return t - speech_end
+    return None
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clips", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "turns.json"))
+    args = parser.parse_args()
+    clips = [
+        c
+        for c in load_manifest(EVAL)
+        if c.subset in ("librispeech_test_clean", "librispeech_test_other") and 3.0 <= c.duration <= 12.0
+    ][: args.clips]
+    rng = random.Random(args.seed)
+    vad = SileroVad(ROOT / "models" / "silero_vad.onnx")
+    server = Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5)
+    latency: list[LatencySession] = []
+    pauses: list[PauseSession] = []
+    baseline_lat: dict[str, list[float]] = {str(ms): [] for ms in BASELINE_SILENCE_MS}
+    load_before = os.getloadavg()
+    try:
+        for clip in clips:
+            words = word_times(server, clip)
+            if len(words) < 6:
+                continue
+            audio = read_file(str(clip.path))
+            speech_end = words[-1][1]
+            sentence = audio[: int((speech_end + 0.05) * SAMPLE_RATE)]
+            full = np.concatenate([silence(LEAD_SILENCE), sentence, silence(TAIL_SILENCE)])
+            events, origin = asyncio.run(run_session(base_url(server), full, realtime=True))
+            end_wall = origin + LEAD_SILENCE + speech_end
+            ends = [at - end_wall for at, e in events if e["type"] == "turn.end"]
+            eagers = [at - end_wall for at, e in events if e["type"] == "turn.eager_end" and at >= end_wall]
+            transcript = "".join(turn_ends(events))
+            latency.append(
+                LatencySession(
+                    clip.id,
+                    len(ends),
+                    ends[-1] if ends else None,
+                    eagers[0] if eagers else None,
+                    transcript,
+                    clip.text,
+                )
+            )
+            for ms in BASELINE_SILENCE_MS:
+                lat = baseline_latency(vad, full, LEAD_SILENCE + speech_end, ms)
+                if lat is not None:
+                    baseline_lat[str(ms)].append(lat)
+            k = rng.randrange(2, len(words) - 2)
+            at = (words[k][1] + words[k + 1][0]) / 2  # the middle of the gap between two words
+            gap = rng.uniform(0.3, 0.8)
+            cut = int(at * SAMPLE_RATE)
+            paused = np.concatenate(
+                [silence(LEAD_SILENCE), sentence[:cut], silence(gap), sentence[cut:], silence(TAIL_SILENCE)]
+            )
+            events, _ = asyncio.run(run_session(base_url(server), paused, realtime=False))
+            turns = len(turn_ends(events))
+            pauses.append(
+                PauseSession(
+                    clip.id,
+                    round(at, 3),
+                    round(gap, 3),
+                    turns,
+                    len(ends),
+                    turns > len(ends),
+                    {
+                        str(ms): baseline_turns(vad, paused, ms) > baseline_turns(vad, full, ms)
+                        for ms in BASELINE_SILENCE_MS
+                    },
+                )
+            )
+            print(
+                f"{clip.id}: end {latency[-1].end_latency}, eager {latency[-1].eager_latency}, "
+                f"turns {len(ends)}; pause {gap:.2f}s -> {turns} turns",
+                flush=True,
+            )
+    finally:
+        server.close()
+    end_lat = [s.end_latency for s in latency if s.end_latency is not None]
+    eager_lat = [s.eager_latency for s in latency if s.eager_latency is not None]
+    summary = {
+        "end_p50": pct(end_lat, 50),
+        "end_p95": pct(end_lat, 95),
+        "eager_end_p50": pct(eager_lat, 50),
+        "eager_end_p95": pct(eager_lat, 95),
+        "eager_end_sessions": len(eager_lat),
+        "sessions": len(latency),
+        "single_turn_sessions": sum(s.turns == 1 for s in latency),
+        "false_cutoff_rate": statistics.fmean(p.cut_off for p in pauses) if pauses else None,
+        "wer": corpus_wer([(s.reference, s.transcript) for s in latency]),
+        "baseline": {
+            f"silence_{ms}ms": {
+                "false_cutoff_rate": statistics.fmean(p.baseline_cut_off[str(ms)] for p in pauses),
+                "decision_latency_p50": pct(baseline_lat[str(ms)], 50),
+            }
+            for ms in BASELINE_SILENCE_MS
+        },
+    }
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {**machine(), "load_before": load_before, "load_after": os.getloadavg()},
+        "settings": "defaults: whisper-base int8 (ink-2), 2 workers x 1 thread, turn 0.8/0.4/0.2/5600",
+        "targets": TARGETS,
+        "summary": summary,
+        "latency_sessions": [asdict(s) for s in latency],
+        "pause_sessions": [asdict(p) for p in pauses],
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
