@@ -278,7 +278,7 @@ def main() -> None:
     args = parser.parse_args()
     server = None if args.url else Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5)
     try:
-        report = asyncio.run(soak(args, args.url or server.url))
+        report = asyncio.run(soak(args, args.url or str(server.client.base_url).rstrip("/")))
     finally:
         if server:
             server.close()

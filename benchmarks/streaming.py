@@ -12,7 +12,7 @@ every session goes over loopback through `stenograph.client`, paced in real time
 - Capacity: N concurrent real-time streams, each a sequence of push-to-talk sessions (clip, 300 ms, finalize),
   starts staggered; TTCT p50/p95 and the server's CPU time (utime + stime from /proc) / wall time / N.
 
-    python benchmarks/streaming.py                          # 8 clips, sweep 1,2,4,8,16 (about 8 minutes)
+    python benchmarks/streaming.py                          # 8 clips, sweep 1,2,4,8,16 (about 10 minutes)
     python benchmarks/streaming.py --clips 3 --sweep 1,8    # a quick look
 """
 

@@ -31,6 +31,7 @@ from stenograph.turns import (
     TurnState,
     TurnStateMachine,
     ends_sentence,
+    extend_sent,
 )
 from stenograph.vad import FRAME
 
@@ -405,3 +406,16 @@ def test_session_with_fake_models_same_turns_whatever_the_chunking() -> None:
         *("turn.start", "turn.end"),  # close ends the open turn
     ]
     assert kinds[160] == kinds[1600] == kinds[16000], "decisions follow the audio, not how it was chunked"
+
+
+def test_extend_sent_keeps_sent_words_verbatim() -> None:
+    sent = ["I'd", "like", "to"]
+    decoded = [("I'd", 0, 10), ("like", 10, 20), ("to,", 20, 30), ("book", 30, 40), ("a", 40, 45)]
+    words, ends = extend_sent(sent, 30, decoded)
+    assert words == ["I'd", "like", "to", "book", "a"] and ends == [30, 30, 30, 40, 45]
+    # Heard differently, or decoded from a later start: the continuation is what lies after the sent words.
+    decoded = [("Id", 0, 10), ("liked", 10, 22), ("two", 22, 30), ("book", 30, 40)]
+    assert extend_sent(sent, 30, decoded)[0] == ["I'd", "like", "to", "book"]
+    decoded = [("ke", 5, 20), ("to", 20, 30), ("book", 31, 40)]
+    assert extend_sent(sent, 30, decoded, by_position=False)[0] == ["I'd", "like", "to", "book"]
+    assert extend_sent(sent, 30, [])[0] == sent, "a decode that heard nothing takes nothing back"

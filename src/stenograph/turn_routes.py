@@ -35,6 +35,7 @@ from stenograph.turns import (
 from stenograph.ws_routes import (
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
+    CLOSE_POLICY,
     close,
     deny,
     parse_command,
@@ -137,7 +138,9 @@ class TurnStream:
         except ApiError as exc:
             sender.cancel()
             session.cancel()
-            await send_error_and_close(ws, exc, request_id)
+            await send_error_and_close(
+                ws, exc, request_id, CLOSE_INTERNAL if exc.status >= 500 else CLOSE_POLICY
+            )
             return
         except WebSocketDisconnect:
             closing = False
@@ -199,7 +202,7 @@ class TurnStream:
                 continue
             except Exception:
                 log.exception("turns %s: decode failed", request_id)
-                session.cancel()  # an ingest waiting on a pause decode must not wait forever
+                session.cancel()
                 error = ApiError(500, "internal_error", "Internal error", "transcription failed")
                 await send_error_and_close(ws, error, request_id, CLOSE_INTERNAL)
                 raise

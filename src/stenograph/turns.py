@@ -59,6 +59,7 @@ END_HOLD_FRAMES = 8  # ~250 ms: the shortest pause that can end a turn (shorter 
 UNFINISHED_WEIGHT = 0.5  # p_complete counts half when the words so far do not end a sentence
 LEAD_IN_SECONDS = 0.5  # audio kept before the frame that opened a turn
 SMART_TURN_SECONDS = 8.0
+CONTEXT_SECONDS = 1.5  # audio before the last sent word's end that a decode re-hears, for context
 HOLDBACK_WORDS = 1  # the newest agreed word is not sent until a later decode confirms what follows it
 FRAME_MS = FRAME * 1000 / SAMPLE_RATE
 
@@ -267,13 +268,12 @@ class TurnEvent:
 class _Turn:
     """One turn's text state. Changed only by the output coroutines, i.e. in wire order."""
 
-    start: int  # absolute sample index of the turn's first audio (lead-in included)
+    seg_start: int  # absolute sample index where the open segment begins (first: the turn's lead-in)
     lead: str = ""  # " " when an earlier turn carried text
-    seg_start: int = 0  # absolute sample index where the open segment begins
     sealed: str = ""  # text of earlier segments, all final
     sent: str = ""  # text of the open segment already on the wire (words joined by single spaces)
     previous: list[str] | None = None  # the words of the last update decode of the open segment
-    pause: tuple[int, int, str] | None = None  # (pause id, seg_start, text) of the last pause decode
+    heard: Heard | None = None  # the decode made at the latest pause
     words_end: int = 0  # absolute sample index after the last sent word
 
     def transcript(self) -> str:
@@ -282,6 +282,18 @@ class _Turn:
 
 
 Item = Coroutine[Any, Any, TurnEvent | None]
+Timed = list[tuple[str, int, int]]  # (word, start sample, end sample), absolute sample indices
+
+
+@dataclass(frozen=True)
+class Heard:
+    """One decode's words. Spliced onto the sent text only when used, since an update may have sent more
+    words in between."""
+
+    pause: int  # the pause it was made at (-1: none)
+    seg_start: int
+    window_start: int  # the first sample it heard
+    words: Timed
 
 
 class TurnSession:
@@ -307,7 +319,6 @@ class TurnSession:
         self._last_update_at = 0
         self._update_pending = False
         self._said_anything = False  # has any turn.end carried text (output side)?
-        self._waiting: set[asyncio.Future[str | None]] = set()  # pause decodes the ingest is waiting on
 
     # -- input -------------------------------------------------------------------------------------------
 
@@ -343,18 +354,20 @@ class TurnSession:
         self._trim()
 
     async def _check(self, pause: int, upto: int) -> list[Action]:
-        """Score a pause: Smart Turn on the last 8 s, and the pause decode's text, both awaited before the
-        next frame is looked at, so decisions depend on the audio alone (not on how fast it arrives)."""
-        decoded: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._waiting.add(decoded)
-        self._enqueue(self._pause_decode(self._require_turn(), pause, upto, decoded))
+        """Score a pause: Smart Turn on the last 8 s and a decode of the turn so far, side by side, both
+        awaited before the next frame is looked at, so decisions depend on the audio alone (not on how fast
+        it arrives). The decode runs beside any update in flight; `turn.eager_end`/`turn.end` reuse it."""
+        turn = self._require_turn()
         audio = self._slice(upto - int(SMART_TURN_SECONDS * SAMPLE_RATE), upto)
         score = asyncio.ensure_future(asyncio.to_thread(self._smart_turn.probability, audio))
         try:
-            text = await decoded
-        finally:
-            self._waiting.discard(decoded)
-        return self.detector.turn_probability(pause, await score, ends_sentence(text or ""))
+            turn.heard = await self._hear(turn, upto, Priority.FINAL, pause)
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise ApiError(500, "internal_error", "Internal error", "transcription failed") from exc
+        text = " ".join(self._splice(turn, turn.heard)[0])
+        return self.detector.turn_probability(pause, await score, ends_sentence(text))
 
     def _apply(self, actions: list[Action], upto: int) -> None:
         # A pause decode stands for the turn's audio only if nothing was said after it: the detector is
@@ -364,7 +377,7 @@ class TurnSession:
             if action == START:
                 lead_in = upto - SUSTAIN_FRAMES * FRAME - int(LEAD_IN_SECONDS * SAMPLE_RATE)
                 start = max(self._buf_start, self._last_end, lead_in)
-                turn = _Turn(start=start, seg_start=start, words_end=start)
+                turn = _Turn(seg_start=start, words_end=start)
                 self._turn, self._last_update_at = turn, upto
                 self._live.append(turn)
                 self._enqueue(self._started(turn))
@@ -437,8 +450,10 @@ class TurnSession:
         self._update_pending = False
         if turn not in self._live:
             return None
+        if turn is self._turn and self.detector.paused:
+            return None  # the pause's own decode is on its way
         try:
-            words, ends = await self._decode(turn, turn.seg_start, upto, Priority.INTERIM)
+            words, ends = self._splice(turn, await self._hear(turn, upto, Priority.INTERIM))
         except JobSkipped:
             return None
         before = turn.transcript()
@@ -454,26 +469,12 @@ class TurnSession:
         after = turn.transcript()
         return TurnEvent(UPDATE, after) if after != before else None
 
-    async def _pause_decode(
-        self, turn: _Turn, pause: int, upto: int, done: asyncio.Future[str | None]
-    ) -> None:
-        try:
-            words, _ = await self._decode(turn, turn.seg_start, upto, Priority.FINAL)
-        except BaseException as exc:
-            if not done.done():
-                done.set_exception(exc)
-            raise
-        turn.pause = (pause, turn.seg_start, " ".join(words))
-        if not done.done():
-            done.set_result(turn.pause[2])
-        return None
-
     async def _final_text(self, turn: _Turn, pause: int, upto: int) -> str:
         """Everything said in the open segment up to the pause: the pause decode when it is still valid."""
-        if turn.pause is not None and turn.pause[:2] == (pause, turn.seg_start):
-            return turn.pause[2]
-        words, _ = await self._decode(turn, turn.seg_start, upto, Priority.FINAL)
-        return " ".join(words)
+        heard = turn.heard
+        if heard is None or heard.pause != pause or heard.seg_start != turn.seg_start:
+            heard = await self._hear(turn, upto, Priority.FINAL)
+        return " ".join(self._splice(turn, heard)[0])
 
     async def _eager_end(self, turn: _Turn, pause: int, upto: int) -> TurnEvent:
         turn.sent = await self._final_text(turn, pause, upto)
@@ -489,14 +490,20 @@ class TurnSession:
         self._said_anything = self._said_anything or bool(text)
         return TurnEvent(END, text)
 
-    async def _decode(
-        self, turn: _Turn, start: int, end: int, priority: Priority
-    ) -> tuple[list[str], list[int]]:
-        """Words of the open segment, the sent ones verbatim first, and each word's end sample."""
+    async def _hear(self, turn: _Turn, end: int, priority: Priority, pause: int = -1) -> Heard:
+        """Decode the open segment up to `end`.
+
+        Only the audio after the sent words is new, so the decode starts `CONTEXT_SECONDS` before their end
+        rather than at the segment start: the encoder's cost follows the window, and this is on the path of
+        every `turn.end`.
+        """
+        start = turn.seg_start
+        if turn.sent:
+            start = max(start, turn.words_end - int(CONTEXT_SECONDS * SAMPLE_RATE))
+        heard = Heard(pause, turn.seg_start, start, [])
         audio = self._slice(start, end)
-        sent = turn.sent.split()
         if audio.size < FRAME:
-            return sent, [turn.words_end] * len(sent)
+            return heard
         cfg = self.config
 
         def job() -> Transcription:
@@ -506,21 +513,20 @@ class TurnSession:
         if priority is Priority.INTERIM:
             stale = lambda: turn not in self._live  # noqa: E731
         result: Transcription = await self.engine.scheduler.run(job, priority, stale)
-        timed = [
+        words = [
             (w.word, start + int(w.start * SAMPLE_RATE), start + int(w.end * SAMPLE_RATE))
             for w in result.words
-        ]
-        if not timed:
-            timed = [(word, end, end) for word in result.text.split()]
-        return extend_sent(sent, turn.words_end, timed)
+        ] or [(word, end, end) for word in result.text.split()]
+        return replace(heard, words=words)
+
+    @staticmethod
+    def _splice(turn: _Turn, heard: Heard) -> tuple[list[str], list[int]]:
+        """The open segment's words: the sent ones verbatim, then what `heard` adds after them."""
+        by_position = heard.window_start == turn.seg_start
+        return extend_sent(turn.sent.split(), turn.words_end, heard.words, by_position)
 
     def cancel(self) -> None:
-        """The connection is over (or its sender failed): drop queued work and release a waiting ingest."""
-        for waiting in self._waiting:
-            if not waiting.done():
-                waiting.set_exception(
-                    ApiError(500, "internal_error", "Internal error", "transcription stopped")
-                )
+        """The connection is over (or its sender failed): drop the queued work."""
         while not self.outputs.empty():
             item = self.outputs.get_nowait()
             if asyncio.iscoroutine(item):
@@ -528,14 +534,15 @@ class TurnSession:
 
 
 def extend_sent(
-    sent: list[str], sent_end: int, decoded: list[tuple[str, int, int]]
+    sent: list[str], sent_end: int, decoded: Timed, by_position: bool = True
 ) -> tuple[list[str], list[int]]:
     """The sent words, verbatim, then what a new decode heard after them; with each word's end sample.
 
     When the decode agrees with the sent words (ignoring case and punctuation) the rest follows by position;
-    when it heard them differently, the words centred after the last sent word's end are the continuation.
+    when it heard them differently (or decoded from a later start), the words centred after the last sent
+    word's end are the continuation.
     """
-    if [_plain(w) for w, _, _ in decoded[: len(sent)]] == [_plain(w) for w in sent]:
+    if by_position and [_plain(w) for w, _, _ in decoded[: len(sent)]] == [_plain(w) for w in sent]:
         rest = decoded[len(sent) :]
     else:
         rest = [d for d in decoded if (d[1] + d[2]) / 2 > sent_end]

@@ -21,7 +21,7 @@ from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from stenograph import metrics, protocol
+from stenograph import logs, metrics, protocol
 from stenograph.asr import Engine
 from stenograph.audio import ENCODINGS, MAX_INPUT_RATE, MIN_INPUT_RATE, sample_width
 from stenograph.auth import Authenticator
@@ -130,6 +130,7 @@ class StreamEndpoint:
 
     async def handle(self, ws: WebSocket) -> None:
         request_id = new_request_id()
+        logs.request_id.set(request_id)
         try:
             principal = self.auth.authenticate(ws.headers, ws.query_params)
             self.limits.acquire(principal)
@@ -148,6 +149,7 @@ class StreamEndpoint:
         try:
             session = self.open_session(ws.query_params)
         except ApiError as exc:
+            metrics.error(exc.error_code)
             await send_error_and_close(ws, exc, request_id)
             return
         await self.on_open(ws, request_id)
@@ -155,6 +157,7 @@ class StreamEndpoint:
         try:
             ending = await self._receive(ws, session, request_id, sender)
         except ApiError as exc:
+            metrics.error(exc.error_code)
             session.cancel()
             sender.cancel()
             await send_error_and_close(ws, exc, request_id)
