@@ -38,11 +38,13 @@ from stenograph.audio import read_file
 from stenograph.client import Event, connect, stream_audio
 from stenograph.wer import Clip, corpus_wer, load_manifest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the test suite's server launcher
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch import API_KEY, Server, machine
+from batch import machine
 
-ROOT = Path(__file__).resolve().parent.parent
-EVAL = Path(os.environ.get("STENOGRAPH_EVAL_DIR", ROOT.parent / "shared" / "eval"))
+from tests.conftest import API_KEY, EVAL_DIR, LiveServer, start_server, stop_server
+
+RESULTS = Path(__file__).resolve().parent / "results"
 STREAM = {"model": "ink-whisper", "encoding": "pcm_s16le", "sample_rate": 16000, "language": "en"}
 DELAYS = (0.0, 0.1, 0.3)
 SWEEP_DELAY = 0.3
@@ -80,14 +82,12 @@ class Stage:
     model_seconds: dict[str, float]  # time the model threads spent, by job priority
     wer: float
     failures: int
+    ttct: list[float]
 
 
 def pctl(values: list[float], q: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+    """Linearly interpolated percentile (numpy's default, as in the plot's boxes); NaN for no values."""
+    return float(np.percentile(values, q * 100)) if values else float("nan")
 
 
 def server_cpu_seconds(pid: int) -> float:
@@ -214,6 +214,7 @@ async def capacity(
         model_seconds={k: round(work[f"{k}_seconds"], 1) for k in ("final", "interim", "batch")},
         wer=round(corpus_wer([(s.reference, s.transcript) for s in sessions]), 4),
         failures=sum(1 for s in sessions if s.close_code != 1000 or s.ttct != s.ttct),
+        ttct=[round(t, 4) for t in ttct],
     )
 
 
@@ -352,7 +353,7 @@ def plot(sessions: list[Session], stages: list[Stage], path: Path) -> None:
     plt.close(fig)
 
 
-async def run(args: argparse.Namespace, server: Server) -> dict[str, object]:
+async def run(args: argparse.Namespace, server: LiveServer) -> dict[str, object]:
     await wait_until_serving(server.url)
     pool = [c for c in load_manifest(args.eval_dir) if c.subset == args.subset and c.duration <= 20]
     clips = pool[: args.clips]
@@ -375,7 +376,7 @@ async def run(args: argparse.Namespace, server: Server) -> dict[str, object]:
     for n in args.sweep:
         print(f"capacity: {n} concurrent stream(s), {args.sweep_seconds:g} s of audio each", file=sys.stderr)
         stages.append(await capacity(server.url, server.process.pid, n, pool, audio, args.sweep_seconds))
-        print(f"  {asdict(stages[-1])}", file=sys.stderr)
+        print(f"  {asdict(stages[-1]) | {'ttct': '...'}}", file=sys.stderr)
     load["after"] = os.getloadavg()
     checks = verdicts(rows, stages)
     print_report(rows, stages, checks)
@@ -409,16 +410,15 @@ def main() -> None:
     parser.add_argument("--subset", default="librispeech_test_clean")
     parser.add_argument("--sweep", default="1,2,4,8,16", help="concurrent streams to try; '' to skip")
     parser.add_argument("--sweep-seconds", type=float, default=30.0, help="audio per stream per sweep step")
-    parser.add_argument("--eval-dir", type=Path, default=EVAL)
-    parser.add_argument("--model-dir", type=Path, default=ROOT / "models")
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "streaming.json")
+    parser.add_argument("--eval-dir", type=Path, default=EVAL_DIR)
+    parser.add_argument("--output", type=Path, default=RESULTS / "streaming.json")
     args = parser.parse_args()
     args.sweep = [int(n) for n in args.sweep.split(",") if n.strip()]
-    server = Server(args.model_dir.resolve(), workers=2, cpu_threads=1, beam_size=5)
+    server = start_server()  # the default settings, the models in ./models (or STENOGRAPH_MODEL_DIR)
     try:
         report = asyncio.run(run(args, server))
     finally:
-        server.close()
+        stop_server(server)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {args.output} and {args.output.with_suffix('.png').name}")

@@ -230,7 +230,9 @@ def test_english_only_model_accepts_english(client, speech):
 
 @pytest.fixture(scope="module")
 def small_server() -> Iterator[LiveServer]:
-    srv = start_server(extra_env={"STENOGRAPH_MAX_UPLOAD_BYTES": str(SMALL_LIMIT)})
+    srv = start_server(
+        extra_env={"STENOGRAPH_MAX_UPLOAD_BYTES": str(SMALL_LIMIT), "STENOGRAPH_MAX_AUDIO_SECONDS": "2"}
+    )
     yield srv
     stop_server(srv)
 
@@ -240,6 +242,22 @@ def test_upload_over_the_limit_with_content_length(small_server, speech):
     with httpx.Client(base_url=small_server.url, timeout=60) as c:
         body = assert_error(post(c, file=("a.flac", speech.path.read_bytes())), 413, "request_too_large")
     assert str(SMALL_LIMIT) in body["message"]
+
+
+def test_audio_longer_than_the_limit(small_server):
+    """A small upload can still decode to hours (low-bitrate codecs): the decoded length is capped too."""
+    three_seconds = bytes(3 * 8000)  # 8 kHz mu-law: one byte a sample
+    assert len(three_seconds) < SMALL_LIMIT
+    with httpx.Client(base_url=small_server.url, timeout=60) as c:
+        response = c.post(
+            "/stt",
+            headers=AUTH,
+            params={"encoding": "pcm_mulaw", "sample_rate": "8000"},
+            files={"file": ("long.raw", three_seconds)},
+            data={"model": "ink-whisper"},
+        )
+        body = assert_error(response, 413, "audio_too_long")
+    assert "2 s" in body["message"]
 
 
 def test_chunked_upload_over_the_limit_without_content_length(small_server):

@@ -14,7 +14,9 @@ def check_words(words: list, duration: float) -> None:
     assert words, "word timestamps were requested but none came back"
     prev_start = 0.0
     for w in words:
-        word, start, end = (w["word"], w["start"], w["end"]) if isinstance(w, dict) else (w.word, w.start, w.end)
+        word, start, end = (
+            (w["word"], w["start"], w["end"]) if isinstance(w, dict) else (w.word, w.start, w.end)
+        )
         assert word.strip(), "every word has text"
         assert 0.0 <= start <= end <= duration + 0.05, (word, start, end, duration)
         assert start >= prev_start - 1e-6, "word starts are monotonic"
@@ -42,7 +44,10 @@ def test_openai_sdk_transcribes_with_word_timings(server, clips):
     clip = pick(clips, "librispeech_test_clean", 3)[2]
     with clip.path.open("rb") as fh:
         result = client.audio.transcriptions.create(
-            file=fh, model="ink-whisper", language="en", timestamp_granularities=["word"],
+            file=fh,
+            model="ink-whisper",
+            language="en",
+            timestamp_granularities=["word"],
             response_format="verbose_json",
         )
     assert corpus_wer([(clip.text, result.text)]) < 0.15, result.text
@@ -54,7 +59,9 @@ def test_openai_sdk_v1_base_url_and_no_words_unless_asked(server, clips):
     client = OpenAI(api_key=API_KEY, base_url=server.url + "/v1")
     clip = pick(clips, "librispeech_test_clean", 1)[0]
     with clip.path.open("rb") as fh:
-        result = client.audio.transcriptions.create(file=fh, model="ink-whisper", prompt="ignored", temperature=0.3)
+        result = client.audio.transcriptions.create(
+            file=fh, model="ink-whisper", prompt="ignored", temperature=0.3
+        )
     assert corpus_wer([(clip.text, result.text)]) < 0.15
     assert "words" not in (result.model_extra or {})
 

@@ -308,16 +308,7 @@ TURNS = Endpoint(
 )
 ENDPOINTS = [
     pytest.param(MANUAL, id="manual"),
-    # Strict: when the turns route calls the hooks, this passes and the marker must go.
-    pytest.param(
-        TURNS,
-        id="turns",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="TurnStream does not yet hold app.state.limits per session, report "
-            "metrics.audio_seconds(n, 'turns') per frame, or close with 1001 on app.state.shutdown.draining",
-        ),
-    ),
+    pytest.param(TURNS, id="turns"),
 ]
 
 

@@ -104,14 +104,19 @@ def check_events(events: list) -> list[str]:
     return ends
 
 
-def test_sdk_multi_turn_librispeech_faster_than_real_time(server, clips, vad) -> None:
+@pytest.mark.parametrize("speed", [None, 2.0], ids=["full-speed", "twice-real-time"])
+def test_sdk_multi_turn_librispeech(server, clips, vad, speed: float | None) -> None:
+    """At full speed the sender falls behind and updates are skipped; at twice real time it keeps up, so
+    updates go out and the later decodes must extend them without repeating a word."""
     chosen = one_phrase_clips(clips, vad, 4)
     gaps = [1.0, 1.5, 2.0, 1.2]
     audio = np.concatenate(
         [part for (_, a), gap in zip(chosen, gaps, strict=True) for part in (a, silence(gap))]
     )
-    events = asyncio.run(session(server, audio))
+    events = asyncio.run(session(server, audio, speed))
     ends = check_events(events)
+    if speed:
+        assert sum(e.type == "turn.update" for e in events) >= len(chosen), "updates while speaking"
     assert len(ends) == len(chosen), [(e.type, getattr(e, "transcript", None)) for e in events]
     assert sum(e.type == "turn.start" for e in events) == len(chosen)
     references = " ".join(clip.text for clip, _ in chosen)

@@ -26,9 +26,9 @@ from stenograph.errors import ApiError
 from stenograph.http_routes import BatchRoutes, TokenRoutes, error_response, new_request_id
 from stenograph.limits import SessionLimiter
 from stenograph.models import ModelError
+from stenograph.shutdown import ShutdownCoordinator
 from stenograph.turn_routes import TurnStream
 from stenograph.ws_routes import ManualStream
-from stenograph.shutdown import ShutdownCoordinator
 
 log = logging.getLogger("stenograph")
 
@@ -51,7 +51,9 @@ def create_app(settings: Settings, engine: Engine | None = None, preload: bool =
 
     async def on_model_error(request: Request, exc: Exception) -> Response:
         log.error("model unavailable: %s", exc)
-        return error_response(ApiError(503, "model_unavailable", "Model unavailable", str(exc)), new_request_id())
+        return error_response(
+            ApiError(503, "model_unavailable", "Model unavailable", str(exc)), new_request_id()
+        )
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -68,12 +70,8 @@ def create_app(settings: Settings, engine: Engine | None = None, preload: bool =
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         request_id = new_request_id()
         log.exception("internal error, request %s", request_id)
-        metrics.error("internal_error")
-        error = ApiError(500, "internal_error", "Internal error", f"unexpected server error (request {request_id})")
-        return JSONResponse(
-            {"error_code": error.error_code, "title": error.title, "message": error.message, "request_id": request_id},
-            status_code=500,
-        )
+        message = f"unexpected server error (request {request_id})"
+        return error_response(ApiError(500, "internal_error", "Internal error", message), request_id)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
@@ -99,7 +97,7 @@ def create_app(settings: Settings, engine: Engine | None = None, preload: bool =
         Route("/audio/transcriptions", batch.transcribe, methods=["POST"]),
         Route("/v1/audio/transcriptions", batch.transcribe, methods=["POST"]),
         WebSocketRoute("/stt/websocket", ManualStream(engine, auth, limits, shutdown).handle),
-        WebSocketRoute("/stt/turns/websocket", TurnStream(engine, auth).handle),
+        WebSocketRoute("/stt/turns/websocket", TurnStream(engine, auth, limits, shutdown).handle),
     ]
     routes.extend(web_routes.routes(auth, settings.app_tokens, settings.app_token_ttl))
     if settings.metrics:

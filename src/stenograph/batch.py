@@ -18,6 +18,7 @@ import numpy as np
 
 from stenograph.asr import Engine, Recognizer, Transcription, Word
 from stenograph.audio import SAMPLE_RATE
+from stenograph.errors import ApiError
 from stenograph.scheduler import Priority
 from stenograph.vad import FRAME, SileroVad, quietest_cut
 
@@ -149,6 +150,13 @@ async def transcribe_blocks(
         block = next(blocks, None)
         if block is None:
             return None
+        if (chunker.total_samples + block.size) / SAMPLE_RATE > settings.max_audio_seconds:
+            raise ApiError(
+                413,
+                "audio_too_long",
+                "Audio too long",
+                f"the audio is longer than the limit of {settings.max_audio_seconds:g} s",
+            )
         return list(chunker.feed(block))
 
     try:

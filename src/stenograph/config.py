@@ -49,6 +49,8 @@ class Settings:
     beam_size: int = 5
     # Bounds.
     max_upload_bytes: int = 200 * 1024 * 1024
+    # Decoded length of one batch file: a low-bitrate codec can pack days of audio into the upload limit.
+    max_audio_seconds: float = 4 * 3600.0
     upload_idle_timeout: float = 30.0  # an upload that sends nothing for this long gets 408 (frees its slot)
     max_queued_jobs: int = 64
     batch_chunk_seconds: float = 28.0

@@ -36,11 +36,15 @@ def new_request_id() -> str:
 def error_response(error: ApiError, request_id: str) -> JSONResponse:
     metrics.error(error.error_code)
     headers = {"X-Request-Id": request_id, **(error.headers or {})}
-    return JSONResponse(protocol.http_error_body(error, request_id), status_code=error.status, headers=headers)
+    return JSONResponse(
+        protocol.http_error_body(error, request_id), status_code=error.status, headers=headers
+    )
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, "request_too_large", "Request too large", f"the upload exceeds the limit of {limit} bytes")
+    return ApiError(
+        413, "request_too_large", "Request too large", f"the upload exceeds the limit of {limit} bytes"
+    )
 
 
 def stalled(seconds: float) -> ApiError:
@@ -127,7 +131,10 @@ class BatchRoutes:
                 language_field if isinstance(language_field, str) else None,
                 self.engine.languages(str(model_field)),
             )
-            granularities = [*form.getlist("timestamp_granularities[]"), *form.getlist("timestamp_granularities")]
+            granularities = [
+                *form.getlist("timestamp_granularities[]"),
+                *form.getlist("timestamp_granularities"),
+            ]
             want_words = any(isinstance(g, str) and g.strip() == "word" for g in granularities)
             blocks = self._blocks(request, upload)
             try:

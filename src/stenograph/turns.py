@@ -9,30 +9,32 @@ turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `t
   `turn.resume`) fires when speech has held above `start_threshold` for three frames.
 - While the user speaks, activity is 1.
 - Once they pause (three frames below the 0.5 speech line, ~100 ms), Smart Turn v3.2 scores the audio so far
-  once, giving `p_complete`, and activity decays with the silence:
+  once, giving `p_complete`, halved when the pause's own Whisper decode does not end a sentence (`.`, `?`,
+  `!`): read speech often has falling, "final" intonation at commas, which Whisper does not punctuate as a
+  sentence end. Activity then decays with the silence:
 
       activity = (1 - p_complete) * max(0, 1 - silence_ms / end_timeout_ms)
 
-  A confident "complete" (p_complete > 0.8 with the default end threshold 0.2) ends the turn at once; an
-  unsure one (0.6 < p < 0.8) gives an eager end now and a final end after a proportionally shorter wait;
-  a "not complete" ends only as the silence nears `end_timeout_ms`, which is therefore the longest wait,
-  whatever the model says. Speech resuming resets the pause (and the decay); after an eager end that is
-  `turn.resume`.
+  A confident "complete" (p_complete > 0.8 with the default end threshold 0.2) gives an eager end at once and
+  the end once the pause has lasted 256 ms (shorter pauses are breaths); an unsure one (0.6 < p < 0.8) gives
+  an eager end now and the end within half the timeout; a "not complete" ends only as the silence nears
+  `end_timeout_ms`, which is therefore the longest wait, whatever the model says. Speech resuming resets the
+  pause (and the decay); after an eager end that is `turn.resume`.
 
-**Decisions follow the audio, not the clock.** Every decision is made while ingesting a frame, and the Smart
-Turn score is awaited before the next frame is looked at, so the same audio gives the same turns whether it
-arrives in real time or ten times faster. `TurnDetector` holds that logic, pure and synchronous; `TurnSession`
-feeds it and does the decoding.
+**Decisions follow the audio, not the clock.** Every decision is made while ingesting a frame, and a pause's
+Smart Turn score and decode are awaited before the next frame is looked at, so the same audio gives the same
+turns whether it arrives in real time or ten times faster. `TurnDetector` holds that logic, pure and
+synchronous; `TurnSession` feeds it and does the decoding.
 
 **Transcripts are never revised.** Within a turn, text goes out only once it is stable: the words on which two
 successive decodes agree, less the last one. Later decodes keep the sent words verbatim and contribute only
-what follows them (by position when they agree with it, else by word time), so text can only be extended; at
-a pause the whole decode goes out with `turn.eager_end` / `turn.end`. (Forcing the sent text as Whisper's
-prefix does the same in theory, but short-window decodes with a forced prefix often loop until the token
-limit: seconds per decode.)
-Outputs are a FIFO of coroutines run one at a time by the sender, so text state changes in wire order and
-decodes of one session never overlap. A turn's transcript starts with a space when an earlier turn carried
-text, so the session transcript is the plain concatenation of the `turn.end` transcripts.
+what follows them (by position when they agree with them, else by word time), so text can only be extended;
+at a pause the whole decode goes out with `turn.eager_end` / `turn.end`. (Forcing the sent text as Whisper's
+`prefix` does the same in theory, but short-window decodes with a forced prefix often loop until the token
+limit: seconds per decode.) Events are a FIFO of coroutines run one at a time by the sender, so text state
+changes in wire order; a pause's decode runs beside an update in flight and is spliced onto the sent text
+only when its event goes out. A turn's transcript starts with a space when an earlier turn carried text, so
+the session transcript is the plain concatenation of the `turn.end` transcripts.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ END_HOLD_FRAMES = 8  # ~250 ms: the shortest pause that can end a turn (shorter 
 UNFINISHED_WEIGHT = 0.5  # p_complete counts half when the words so far do not end a sentence
 LEAD_IN_SECONDS = 0.5  # audio kept before the frame that opened a turn
 SMART_TURN_SECONDS = 8.0
-CONTEXT_SECONDS = 1.5  # audio before the last sent word's end that a decode re-hears, for context
 HOLDBACK_WORDS = 1  # the newest agreed word is not sent until a later decode confirms what follows it
 FRAME_MS = FRAME * 1000 / SAMPLE_RATE
 
@@ -291,8 +292,7 @@ class Heard:
     words in between."""
 
     pause: int  # the pause it was made at (-1: none)
-    seg_start: int
-    window_start: int  # the first sample it heard
+    seg_start: int  # the first sample it heard
     words: Timed
 
 
@@ -469,21 +469,24 @@ class TurnSession:
         after = turn.transcript()
         return TurnEvent(UPDATE, after) if after != before else None
 
-    async def _final_text(self, turn: _Turn, pause: int, upto: int) -> str:
-        """Everything said in the open segment up to the pause: the pause decode when it is still valid."""
+    async def _send_all(self, turn: _Turn, pause: int, upto: int) -> None:
+        """Everything said in the open segment up to the pause becomes sent text (from the pause's own
+        decode when it is still valid)."""
         heard = turn.heard
         if heard is None or heard.pause != pause or heard.seg_start != turn.seg_start:
             heard = await self._hear(turn, upto, Priority.FINAL)
-        return " ".join(self._splice(turn, heard)[0])
+        words, ends = self._splice(turn, heard)
+        turn.sent = " ".join(words)
+        turn.words_end = ends[-1] if ends else turn.words_end
 
     async def _eager_end(self, turn: _Turn, pause: int, upto: int) -> TurnEvent:
-        turn.sent = await self._final_text(turn, pause, upto)
+        await self._send_all(turn, pause, upto)
         turn.previous = None
         return TurnEvent(EAGER_END, turn.transcript())
 
     async def _end(self, turn: _Turn, pause: int, upto: int) -> TurnEvent:
         try:
-            turn.sent = await self._final_text(turn, pause, upto)
+            await self._send_all(turn, pause, upto)
         finally:
             self._live.remove(turn)
         text = turn.transcript()
@@ -491,16 +494,10 @@ class TurnSession:
         return TurnEvent(END, text)
 
     async def _hear(self, turn: _Turn, end: int, priority: Priority, pause: int = -1) -> Heard:
-        """Decode the open segment up to `end`.
-
-        Only the audio after the sent words is new, so the decode starts `CONTEXT_SECONDS` before their end
-        rather than at the segment start: the encoder's cost follows the window, and this is on the path of
-        every `turn.end`.
-        """
+        """Decode the open segment up to `end`. The whole segment, not only what follows the sent words:
+        a window that starts inside speech makes Whisper drop words at its end as often as at its start."""
         start = turn.seg_start
-        if turn.sent:
-            start = max(start, turn.words_end - int(CONTEXT_SECONDS * SAMPLE_RATE))
-        heard = Heard(pause, turn.seg_start, start, [])
+        heard = Heard(pause, start, [])
         audio = self._slice(start, end)
         if audio.size < FRAME:
             return heard
@@ -522,8 +519,7 @@ class TurnSession:
     @staticmethod
     def _splice(turn: _Turn, heard: Heard) -> tuple[list[str], list[int]]:
         """The open segment's words: the sent ones verbatim, then what `heard` adds after them."""
-        by_position = heard.window_start == turn.seg_start
-        return extend_sent(turn.sent.split(), turn.words_end, heard.words, by_position)
+        return extend_sent(turn.sent.split(), turn.words_end, heard.words)
 
     def cancel(self) -> None:
         """The connection is over (or its sender failed): drop the queued work."""
@@ -533,19 +529,19 @@ class TurnSession:
                 item.close()
 
 
-def extend_sent(
-    sent: list[str], sent_end: int, decoded: Timed, by_position: bool = True
-) -> tuple[list[str], list[int]]:
+def extend_sent(sent: list[str], sent_end: int, decoded: Timed) -> tuple[list[str], list[int]]:
     """The sent words, verbatim, then what a new decode heard after them; with each word's end sample.
 
     When the decode agrees with the sent words (ignoring case and punctuation) the rest follows by position;
-    when it heard them differently (or decoded from a later start), the words centred after the last sent
-    word's end are the continuation.
+    when it heard them differently, the words centred after the last sent word's end are the continuation.
     """
-    if by_position and [_plain(w) for w, _, _ in decoded[: len(sent)]] == [_plain(w) for w in sent]:
+    if [_plain(w) for w, _, _ in decoded[: len(sent)]] == [_plain(w) for w in sent]:
         rest = decoded[len(sent) :]
     else:
         rest = [d for d in decoded if (d[1] + d[2]) / 2 > sent_end]
+        # The last sent word, cut short by the end of its window then, heard whole now: not a new word.
+        if rest and sent and rest[0][1] < sent_end and _plain(rest[0][0]) == _plain(sent[-1]):
+            rest = rest[1:]
     return sent + [w for w, _, _ in rest], [sent_end] * len(sent) + [e for _, _, e in rest]
 
 
