@@ -44,8 +44,13 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# Benchmarks print tables and write benchmarks/results/*.json (+ PNG plots); they are not tests.
 bench: install
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) benchmarks/decode_window.py
 	$(PY) benchmarks/batch.py
+	$(PY) benchmarks/streaming.py
+	$(PY) benchmarks/turns.py
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR) .cache
