@@ -30,6 +30,9 @@ SPEECH_THRESHOLD = 0.5
 MIN_SPEECH_FRAMES = 3  # below ~100 ms of speech an utterance is noise, not words
 FRAME_SECONDS = FRAME / SAMPLE_RATE
 LEAD_IN_FRAMES = 10  # ~320 ms of audio kept before the first speech frame
+# An utterance at least this long is finalized at a pause of at least SPLIT_PAUSE_FRAMES (~320 ms).
+SPLIT_MIN_SECONDS = 6.0
+SPLIT_PAUSE_FRAMES = 10
 
 
 @dataclass(frozen=True)
@@ -117,17 +120,35 @@ class StreamSession:
         probs = self._vad.feed(samples)
         if self.config.min_volume > 0 and probs.size:
             probs = self._volume_gate(samples, probs)
+        split: int | None = None
         for p in probs:
             utt.probs.append(float(p))
             if p >= SPEECH_THRESHOLD:
+                if split is None:
+                    split = self._split_point(utt)
+                    if split is None:
+                        self._drop_speculation()
                 utt.speech_frames += 1
                 utt.silence_frames = 0
-                self._drop_speculation()
             else:
                 utt.silence_frames += 1
-        if utt.speech_frames == 0:
+        if split is not None:
+            self._commit(split)
+        if self._utt.speech_frames == 0:
             self._trim_leading_silence()
         self._after_audio()
+
+    def _split_point(self, utt: _Utterance) -> int | None:
+        """Speech resumes: where to finalize the long utterance before this pause, if anywhere.
+
+        A long utterance that pauses has usually been decoded already by the speculation that the pause
+        started. Finalizing it there keeps that work instead of throwing it away, and keeps the open utterance
+        short, so the decode after the next `finalize` (and every interim until then) stays fast.
+        """
+        spec = self._speculation
+        if spec is None or utt.silence_frames < SPLIT_PAUSE_FRAMES:
+            return None
+        return spec.samples if spec.samples >= SPLIT_MIN_SECONDS * SAMPLE_RATE else None
 
     def _trim_leading_silence(self) -> None:
         """Before any speech, keep only a short lead-in: long silence costs encoder time and invites
@@ -238,7 +259,11 @@ class StreamSession:
             return
         finally:
             self._interim = None
-        if generation == self._generation and not result.empty:
+        if generation == self._generation and result.empty:
+            # Too little audio for a word yet: try again after half an interval, not a whole one.
+            half = int(self.config.interim_interval * SAMPLE_RATE) // 2
+            self._utt.last_interim_at = max(1, self._utt.last_interim_at - half)
+        elif generation == self._generation:
             update = TranscriptUpdate(
                 self._delta(result.text), False, audio.size / SAMPLE_RATE, result.words, self.config.language
             )
