@@ -30,9 +30,9 @@ SPEECH_THRESHOLD = 0.5
 MIN_SPEECH_FRAMES = 3  # below ~100 ms of speech an utterance is noise, not words
 FRAME_SECONDS = FRAME / SAMPLE_RATE
 LEAD_IN_FRAMES = 10  # ~320 ms of audio kept before the first speech frame
-# An utterance at least this long is finalized at a pause of at least SPLIT_PAUSE_FRAMES (~320 ms).
-SPLIT_MIN_SECONDS = 6.0
-SPLIT_PAUSE_FRAMES = 10
+# An utterance at least this long is finalized at a pause of at least SPLIT_PAUSE_FRAMES (~420 ms).
+SPLIT_MIN_SECONDS = 10.0
+SPLIT_PAUSE_FRAMES = 13
 
 
 @dataclass(frozen=True)
