@@ -14,6 +14,7 @@ their utterance was committed while they were decoding.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -73,7 +74,8 @@ Output = TranscriptUpdate | FlushDone
 @dataclass
 class _Speculation:
     samples: int  # utterance length the decode covered
-    task: asyncio.Task[Transcription]
+    task: asyncio.Future[Transcription]
+    running: threading.Event  # set by the model thread while the decode runs
 
 
 @dataclass
@@ -100,6 +102,8 @@ class StreamSession:
         self._generation = 0  # bumps on every commit; stale interims compare against it
         self._interim: asyncio.Task[None] | None = None
         self._speculation: _Speculation | None = None
+        # A dropped speculation that the model is still computing (a model call cannot be interrupted).
+        self._abandoned: _Speculation | None = None
         self._pending_final_samples = 0
         self._hotwords = ", ".join(config.keyterms) or None
         self._emitted_text = False  # has any final carried text? decides the leading space of the next delta
@@ -208,7 +212,12 @@ class StreamSession:
         return joined[:samples]
 
     def _decode(
-        self, audio: np.ndarray, start: int, priority: Priority, generation: int | None = None
+        self,
+        audio: np.ndarray,
+        start: int,
+        priority: Priority,
+        generation: int | None = None,
+        running: threading.Event | None = None,
     ) -> asyncio.Future[Transcription]:
         """Schedule a decode. Interims (those with a `generation` to go stale against) use the interim model
         and skip word alignment: the final replaces them anyway, and they are most of the model time."""
@@ -218,9 +227,15 @@ class StreamSession:
         recognizer = self._interim_recognizer if interim else self.recognizer
 
         def job() -> Transcription:
-            return recognizer.decode_utterance(
-                audio, cfg.language, cfg.beam_size, offset, self._hotwords, word_timestamps=not interim
-            )
+            if running is not None:
+                running.set()
+            try:
+                return recognizer.decode_utterance(
+                    audio, cfg.language, cfg.beam_size, offset, self._hotwords, word_timestamps=not interim
+                )
+            finally:
+                if running is not None:
+                    running.clear()
 
         stale = None if generation is None else (lambda: generation != self._generation)
         task = asyncio.ensure_future(self.engine.scheduler.run(job, priority, stale))
@@ -229,20 +244,28 @@ class StreamSession:
         return task
 
     def _speculate(self) -> None:
+        """Start the final decode at a pause, unless an abandoned one still occupies the model: speculating
+        again at every short pause would pile up decodes nobody will read."""
+        if self._abandoned is not None and self._abandoned.running.is_set():
+            return
         utt = self._utt
-        audio = self._audio(utt.samples)
-        self._speculation = _Speculation(utt.samples, self._decode(audio, utt.start, Priority.FINAL))
+        running = threading.Event()
+        task = self._decode(self._audio(utt.samples), utt.start, Priority.FINAL, running=running)
+        self._speculation = _Speculation(utt.samples, task, running)
 
     def _drop_speculation(self) -> None:
         if self._speculation is not None:
-            self._speculation.task.cancel()
+            self._speculation.task.cancel()  # skipped if still queued; runs to its end if already started
+            self._abandoned = self._speculation
             self._speculation = None
 
     def _maybe_interim(self) -> None:
         utt = self._utt
-        interval = int(self.config.interim_interval * SAMPLE_RATE)
+        # Each interim re-decodes the whole utterance, so a long one gets them less often: the cost per second
+        # of audio stays flat instead of growing with the utterance. The first words should show up quickly.
+        interval = int(max(self.config.interim_interval, utt.samples / SAMPLE_RATE / 6) * SAMPLE_RATE)
         if not utt.last_interim_at:
-            interval //= 2  # the first words should show up quickly; later interims can wait a full interval
+            interval //= 2
         if self._interim is not None or utt.samples - utt.last_interim_at < interval:
             return
         # Under load, interims are the first thing to go: finals and batch work waiting take precedence.
