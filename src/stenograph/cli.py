@@ -47,8 +47,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 f"error: refusing to listen on {settings.host} without API keys. Set STENOGRAPH_API_KEYS, "
                 "or pass --allow-open to serve everyone on the network."
             )
-        print(f"stenograph: no API keys configured, serving without authentication on {settings.host}",
-              file=sys.stderr)
+        print(
+            f"stenograph: no API keys configured, serving without authentication on {settings.host}",
+            file=sys.stderr,
+        )
     try:
         logs.configure(settings.log_format, args.log_level)  # first, so app start-up logs are in the format
         serve(create_app(settings), settings, args.log_level)
@@ -69,7 +71,8 @@ def cmd_models(args: argparse.Namespace) -> None:
     for name, path in settings.extra_models.items():
         ok = (Path(path) / "model.bin").is_file()
         failed |= not ok
-        print(f"{name:18} {'whisper':8} {'ok' if ok else 'BAD: no model.bin':4}  {path}  (extra, not hash-pinned)")
+        status = "ok" if ok else "BAD: no model.bin"
+        print(f"{name:18} {'whisper':8} {status:4}  {path}  (extra, not hash-pinned)")
     print(f"\nink-whisper, ink-whisper-2025-06-04 -> whisper-base; ink-2 -> {settings.ink2_model}")
     if failed:
         sys.exit(1)
@@ -105,14 +108,20 @@ def format_result(result, fmt: str, language: str, request_id: str = "local") ->
     if fmt == "text":
         return result.text
     if fmt == "json":
-        return json.dumps(protocol.batch_response(result.text, language, result.duration, request_id, result.words),
-                          ensure_ascii=False, indent=2)
+        return json.dumps(
+            protocol.batch_response(result.text, language, result.duration, request_id, result.words),
+            ensure_ascii=False,
+            indent=2,
+        )
     cues = subtitle_cues(result.words)
     if fmt == "srt":
         return "\n".join(
-            f"{i}\n{_timestamp(s, ',')} --> {_timestamp(e, ',')}\n{text}\n" for i, (s, e, text) in enumerate(cues, 1)
+            f"{i}\n{_timestamp(s, ',')} --> {_timestamp(e, ',')}\n{text}\n"
+            for i, (s, e, text) in enumerate(cues, 1)
         )
-    return "WEBVTT\n\n" + "\n".join(f"{_timestamp(s, '.')} --> {_timestamp(e, '.')}\n{text}\n" for s, e, text in cues)
+    return "WEBVTT\n\n" + "\n".join(
+        f"{_timestamp(s, '.')} --> {_timestamp(e, '.')}\n{text}\n" for s, e, text in cues
+    )
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
@@ -135,7 +144,9 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
             total = _probe_duration(path)
             started = time.monotonic()
 
-            def progress(done: float, path: str = path, total: float | None = total, started: float = started) -> None:
+            def progress(
+                done: float, path: str = path, total: float | None = total, started: float = started
+            ) -> None:
                 if not sys.stderr.isatty() or total is None or total < 30:
                     return
                 frac = min(1.0, done / total)
@@ -204,8 +215,12 @@ def cmd_stream(args: argparse.Namespace) -> None:
 
     async def run() -> client.StreamResult:
         ws = await client.connect(
-            args.url, api_key=args.api_key, model=args.model, language=args.language,
-            encoding=args.encoding, sample_rate=args.sample_rate,
+            args.url,
+            api_key=args.api_key,
+            model=args.model,
+            language=args.language,
+            encoding=args.encoding,
+            sample_rate=args.sample_rate,
         )
         return await client.stream_audio(
             ws, samples, args.encoding, args.sample_rate, args.realtime, on_event=show
@@ -227,17 +242,25 @@ def cmd_stream(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stenograph", description="Self-hosted speech-to-text, Cartesia-compatible.")
+    parser = argparse.ArgumentParser(
+        prog="stenograph", description="Self-hosted speech-to-text, Cartesia-compatible."
+    )
     parser.add_argument("--version", action="version", version=f"stenograph {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model-dir", help="assembled model directory (env STENOGRAPH_MODEL_DIR, default ./models)")
+        p.add_argument(
+            "--model-dir", help="assembled model directory (env STENOGRAPH_MODEL_DIR, default ./models)"
+        )
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (default auto)")
-        p.add_argument("--compute-type", help="CTranslate2 compute type (default int8 on CPU, float16 on CUDA)")
+        p.add_argument(
+            "--compute-type", help="CTranslate2 compute type (default int8 on CPU, float16 on CUDA)"
+        )
         p.add_argument("--workers", type=int, help="concurrent model calls (default 2)")
         p.add_argument("--cpu-threads", type=int, help="threads per model call (default 1)")
-        p.add_argument("--ink2-model", help="model behind ink-2: whisper-base, whisper-tiny.en or an extra model")
+        p.add_argument(
+            "--ink2-model", help="model behind ink-2: whisper-base, whisper-tiny.en or an extra model"
+        )
 
     serve = sub.add_parser("serve", help="run the HTTP/WebSocket server")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -264,8 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("file")
     st.add_argument("--realtime", action="store_true", help="pace the audio in real time (default: fast)")
     st.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (http/https or ws/wss)")
-    st.add_argument("--api-key", default=os.environ.get("STENOGRAPH_API_KEY"),
-                    help="API key or access token (env STENOGRAPH_API_KEY)")
+    st.add_argument(
+        "--api-key",
+        default=os.environ.get("STENOGRAPH_API_KEY"),
+        help="API key or access token (env STENOGRAPH_API_KEY)",
+    )
     st.add_argument("--model", default="ink-whisper")
     st.add_argument("--language", default="en")
     st.add_argument("--encoding", default="pcm_s16le", help="wire encoding to send (default pcm_s16le)")
