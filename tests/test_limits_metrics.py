@@ -385,3 +385,30 @@ async def test_websocket_frames_over_the_limit_close_the_session_1009(
     active = lambda: metric(limited.url, "stenograph_active_sessions", endpoint="websocket")  # noqa: E731
     await asyncio.to_thread(wait_until, lambda: active() == 0, "the slot to be released")
     assert post_clip(limited.url, clip, {"X-API-Key": API_KEY}).status_code == 200
+
+
+def test_streaming_latency_histograms_are_filled(limited: LiveServer, clip: Clip) -> None:
+    """A manual session's `finalize` lands in the TTCT histogram; a turn's end in the turn-end histogram."""
+    audio = np.concatenate([np.concatenate(list(iter_file(str(clip.path)))), np.zeros(32000, np.float32)])
+    wire = to_wire(audio, "pcm_s16le", 16000)
+    headers = {"X-API-Key": API_KEY}
+    before = scrape(limited.url)
+
+    async def session(path: str, params: dict[str, str], end: str) -> None:
+        url = ws_url(limited.url, path, {"encoding": "pcm_s16le", "sample_rate": 16000, **params})
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            for i in range(0, len(wire), 3200):
+                await ws.send(wire[i : i + 3200])
+            if path == "/stt/websocket":
+                await ws.send("finalize")
+            await ws.send(end)
+            async for _ in ws:
+                pass
+
+    asyncio.run(session("/stt/websocket", {"model": "ink-whisper", "language": "en"}, "close"))
+    asyncio.run(session("/stt/turns/websocket", {"model": "ink-2"}, json.dumps({"type": "close"})))
+    after = scrape(limited.url)
+    ttct = ("stenograph_ttct_seconds_count", (("endpoint", "websocket"),))
+    turn_end = ("stenograph_turn_end_latency_seconds_count", ())
+    assert after.get(ttct, 0) - before.get(ttct, 0) == 1
+    assert after[turn_end] - before.get(turn_end, 0) >= 1

@@ -59,10 +59,6 @@ class Scheduler:
         for t in self._threads:
             t.start()
 
-    @property
-    def depth(self) -> int:
-        return len(self._heap)
-
     def depth_at_or_above(self, priority: Priority) -> int:
         """Jobs queued that would run before a new job of `priority` (used to thin interims under load)."""
         with self._cond:

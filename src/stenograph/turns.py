@@ -40,6 +40,7 @@ the session transcript is the plain concatenation of the `turn.end` transcripts.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -48,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from stenograph import metrics
 from stenograph.asr import Engine, Recognizer, Transcription
 from stenograph.audio import SAMPLE_RATE, PcmDecoder
 from stenograph.errors import ApiError, bad_request
@@ -319,6 +321,7 @@ class TurnSession:
         self._last_update_at = 0
         self._update_pending = False
         self._said_anything = False  # has any turn.end carried text (output side)?
+        self._last_speech_at = time.monotonic()
 
     # -- input -------------------------------------------------------------------------------------------
 
@@ -343,6 +346,8 @@ class TurnSession:
         self._buffered += samples.size
         for prob in self._vad.feed(samples):
             self._framed += FRAME
+            if prob >= SPEECH_THRESHOLD:
+                self._last_speech_at = time.monotonic()
             pending = deque(self.detector.frame(float(prob)))
             while pending:
                 action = pending.popleft()
@@ -491,6 +496,8 @@ class TurnSession:
             self._live.remove(turn)
         text = turn.transcript()
         self._said_anything = self._said_anything or bool(text)
+        # Wall time from the last speech frame received to this `turn.end`: what an agent waits to reply.
+        metrics.observe_turn_end(time.monotonic() - self._last_speech_at)
         return TurnEvent(END, text)
 
     async def _hear(self, turn: _Turn, end: int, priority: Priority, pause: int = -1) -> Heard:
