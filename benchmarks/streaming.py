@@ -40,7 +40,7 @@ from stenograph.wer import Clip, corpus_wer, load_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the test suite's server launcher
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch import machine
+from batch import machine, process_cpu_seconds
 
 from tests.conftest import API_KEY, EVAL_DIR, LiveServer, start_server, stop_server
 
@@ -88,12 +88,6 @@ class Stage:
 def pctl(values: list[float], q: float) -> float:
     """Linearly interpolated percentile (numpy's default, as in the plot's boxes); NaN for no values."""
     return float(np.percentile(values, q * 100)) if values else float("nan")
-
-
-def server_cpu_seconds(pid: int) -> float:
-    """utime + stime of the server process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def model_work(url: str) -> Counter[str]:
@@ -194,10 +188,10 @@ async def stream_loop(
 async def capacity(
     url: str, pid: int, n: int, clips: list[Clip], audio: dict[str, np.ndarray], seconds: float
 ) -> Stage:
-    work0, cpu0, wall0 = await model_work(url), server_cpu_seconds(pid), time.monotonic()
+    work0, cpu0, wall0 = await model_work(url), process_cpu_seconds(pid), time.monotonic()
     runs = await asyncio.gather(*(stream_loop(url, i, clips, audio, seconds) for i in range(n)))
     wall = time.monotonic() - wall0
-    cpu = server_cpu_seconds(pid) - cpu0
+    cpu = process_cpu_seconds(pid) - cpu0
     work = await model_work(url)
     work.subtract(work0)
     sessions = [s for run in runs for s in run]

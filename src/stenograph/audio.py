@@ -70,9 +70,9 @@ def decode_pcm(data: bytes, encoding: str) -> np.ndarray:
     if encoding == "pcm_s32le":
         return (np.frombuffer(data, dtype="<i4").astype(np.float64) / 2147483648.0).astype(np.float32)
     if encoding == "pcm_f16le":
-        return np.nan_to_num(np.frombuffer(data, dtype="<f2").astype(np.float32)).clip(-1.0, 1.0)
+        return _finite(np.frombuffer(data, dtype="<f2").astype(np.float32))
     if encoding == "pcm_f32le":
-        return np.nan_to_num(np.frombuffer(data, dtype="<f4").astype(np.float32)).clip(-1.0, 1.0)
+        return _finite(np.frombuffer(data, dtype="<f4").astype(np.float32))
     if encoding == "pcm_mulaw":
         return _MULAW[np.frombuffer(data, dtype=np.uint8)]
     if encoding == "pcm_alaw":
@@ -136,12 +136,6 @@ class PcmDecoder:
         tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
         self._resampler.clear()  # a drained soxr stream refuses more input; audio may follow a finalize
         return tail
-
-
-def resample(samples: np.ndarray, rate: int) -> np.ndarray:
-    if rate == SAMPLE_RATE:
-        return samples.astype(np.float32, copy=False)
-    return soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
 
 
 def iter_file(source: str | BinaryIO, block_seconds: float = 10.0) -> Iterator[np.ndarray]:

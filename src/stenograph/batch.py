@@ -20,13 +20,11 @@ from stenograph.asr import Engine, Recognizer, Transcription, Word
 from stenograph.audio import SAMPLE_RATE
 from stenograph.errors import ApiError
 from stenograph.scheduler import Priority
-from stenograph.vad import FRAME, SileroVad, quietest_cut
+from stenograph.vad import FRAME, QUIET_THRESHOLD, SPEECH_THRESHOLD, SileroVad, quietest_cut
 
 WHISPER_WINDOW_SECONDS = 30.0
-SPEECH_THRESHOLD = 0.5
 MIN_SPEECH_FRAMES = 3  # ~100 ms of speech before a chunk is worth decoding
 FINISH_STEP = 16 * FRAME  # VAD increments while looking for speech in the last chunk (0.5 s)
-QUIET_THRESHOLD = 0.35  # below this a frame counts as pause when choosing where to cut
 MIN_CUT_PAUSE_FRAMES = 8  # a pause of 256 ms lies between words: nothing is split by cutting in it
 
 
@@ -107,7 +105,7 @@ class Chunker:
             if end - start >= MIN_CUT_PAUSE_FRAMES:
                 return (lo + (start + end) // 2) * FRAME
             end = start
-        return quietest_cut(self._probs, lo, frames, QUIET_THRESHOLD) * FRAME
+        return quietest_cut(self._probs, lo, frames) * FRAME
 
     def _emit(self, cut: int) -> Iterator[Chunk]:
         audio, probs = self._audio[:cut], self._probs[: -(-cut // FRAME)]

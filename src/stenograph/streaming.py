@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -25,9 +26,8 @@ from stenograph.asr import Engine, Recognizer, Transcription, Word
 from stenograph.audio import SAMPLE_RATE, PcmDecoder
 from stenograph.errors import ApiError
 from stenograph.scheduler import JobSkipped, Priority
-from stenograph.vad import FRAME, quietest_cut
+from stenograph.vad import FRAME, SPEECH_THRESHOLD, quietest_cut
 
-SPEECH_THRESHOLD = 0.5
 MIN_SPEECH_FRAMES = 3  # below ~100 ms of speech an utterance is noise, not words
 FRAME_SECONDS = FRAME / SAMPLE_RATE
 LEAD_IN_FRAMES = 10  # ~320 ms of audio kept before the first speech frame
@@ -69,6 +69,7 @@ class FlushDone:
 
 
 Output = TranscriptUpdate | FlushDone
+T = TypeVar("T")
 
 
 @dataclass
@@ -290,7 +291,7 @@ class StreamSession:
             update = TranscriptUpdate(
                 self._delta(result.text), False, audio.size / SAMPLE_RATE, result.words, self.config.language
             )
-            self.outputs.put_nowait(_ready(update))
+            self.outputs.put_nowait(ready(update))
 
     # -- commits -----------------------------------------------------------------------------------------
 
@@ -352,7 +353,7 @@ class StreamSession:
         and audio keeps coming after a `finalize`.
         """
         self._commit(self._utt.samples)
-        self.outputs.put_nowait(_ready(FlushDone(time.monotonic())))
+        self.outputs.put_nowait(ready(FlushDone(time.monotonic())))
 
     def flush_all(self) -> None:
         """For `close`/`done` and shutdown: the stream ends, so the resampler is drained too."""
@@ -373,5 +374,6 @@ class StreamSession:
                 item.close()
 
 
-async def _ready(value: Output) -> Output:
+async def ready(value: T) -> T:
+    """An already-known output as an awaitable, so it can queue behind decodes in a session's output FIFO."""
     return value

@@ -54,9 +54,9 @@ from stenograph.asr import Engine, Recognizer, Transcription
 from stenograph.audio import SAMPLE_RATE, PcmDecoder
 from stenograph.errors import ApiError, bad_request
 from stenograph.scheduler import JobSkipped, Priority
-from stenograph.vad import FRAME
+from stenograph.streaming import ready
+from stenograph.vad import FRAME, SPEECH_THRESHOLD
 
-SPEECH_THRESHOLD = 0.5  # a frame at or above this is speech for pause tracking
 SUSTAIN_FRAMES = 3  # frames above start_threshold that open (or resume) a turn
 PAUSE_FRAMES = 3  # silent frames before a pause is scored
 END_HOLD_FRAMES = 8  # ~250 ms: the shortest pause that can end a turn (shorter ones are breaths and commas)
@@ -389,7 +389,7 @@ class TurnSession:
             elif action == EAGER_END:
                 self._enqueue(self._eager_end(self._require_turn(), pause, upto))
             elif action == RESUME:
-                self._enqueue(_ready(TurnEvent(RESUME)))
+                self._enqueue(ready(TurnEvent(RESUME)))
             elif action == END:
                 self._enqueue(self._end(self._require_turn(), pause, upto))
                 self._turn, self._last_end = None, upto
@@ -570,7 +570,3 @@ def _common_prefix(a: list[str], b: list[str]) -> int:
             break
         n += 1
     return n
-
-
-async def _ready(event: TurnEvent) -> TurnEvent:
-    return event

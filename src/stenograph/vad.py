@@ -14,6 +14,8 @@ import onnxruntime as ort
 
 FRAME = 512  # samples at 16 kHz = 32 ms
 CONTEXT = 64
+SPEECH_THRESHOLD = 0.5  # a frame at or above this probability is speech
+QUIET_THRESHOLD = 0.35  # a frame below this is a pause, with some hysteresis below the speech line
 
 
 class SileroVad:
@@ -74,7 +76,7 @@ class VadStream:
 
 def speech_regions(
     probs: np.ndarray,
-    threshold: float = 0.5,
+    threshold: float = SPEECH_THRESHOLD,
     min_silence_frames: int = 10,
     pad_frames: int = 6,
 ) -> list[tuple[int, int]]:
@@ -98,7 +100,7 @@ def speech_regions(
     return [(max(0, s - pad_frames), min(n, e + pad_frames)) for s, e in regions]
 
 
-def quietest_cut(probs: np.ndarray, lo: int, hi: int, threshold: float = 0.35) -> int:
+def quietest_cut(probs: np.ndarray, lo: int, hi: int, threshold: float = QUIET_THRESHOLD) -> int:
     """Frame index in [lo, hi) to cut a long stretch of audio: the middle of the longest quiet run.
 
     Cutting inside a pause keeps every word whole on one side of the seam; with no pause at all, the least
