@@ -57,6 +57,7 @@ class LatencySession:
     turns: int
     end_latency: float | None  # seconds from the end of the last word to the last turn.end
     eager_latency: float | None  # ... to the first turn.eager_end after the speech ended
+    resumes: int  # turn.resume events: eager ends the speaker went on from
     transcript: str
     reference: str
 
@@ -190,6 +191,7 @@ def main() -> None:
                     len(ends),
                     ends[-1] if ends else None,
                     eagers[0] if eagers else None,
+                    sum(e["type"] == "turn.resume" for _, e in events),
                     transcript,
                     clip.text,
                 )
@@ -238,6 +240,7 @@ def main() -> None:
         "eager_end_sessions": len(eager_lat),
         "sessions": len(latency),
         "single_turn_sessions": sum(s.turns == 1 for s in latency),
+        "resumes": sum(s.resumes for s in latency),
         "false_cutoff_rate": statistics.fmean(p.cut_off for p in pauses) if pauses else None,
         "wer": corpus_wer([(s.reference, s.transcript) for s in latency]),
         "baseline": {

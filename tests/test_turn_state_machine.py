@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from stenograph.asr import Transcription, Word
 from stenograph.errors import ApiError
+from stenograph.scheduler import JobSkipped
 from stenograph.turns import (
     FRAME_MS,
     PAUSE_FRAMES,
@@ -120,9 +121,9 @@ def frames(ms: float, prob: float) -> list[float]:
 
 def test_detector_confident_end_after_the_hold_and_unsure_end_waits() -> None:
     det = TurnDetector(TurnParams())
-    events = run_detector(det, frames(1000, 0.95) + frames(200, 0.02), {1: 0.95})
+    events = run_detector(det, frames(1000, 0.95) + frames(150, 0.02), {1: 0.95})
     assert events == ["turn.start", "turn.eager_end"], "an eager end at once, no end inside the hold"
-    assert run_detector(det, frames(100, 0.02), {}) == ["turn.end"]
+    assert run_detector(det, frames(64, 0.02), {}) == ["turn.end"]
     det = TurnDetector(TurnParams())
     # p_complete 0.7: activity 0.3 -> eager end at once, end once (1 - s/T) * 0.3 < 0.2, i.e. s > T/3.
     events = run_detector(det, frames(1000, 0.95) + frames(1500, 0.02), {1: 0.7})
@@ -136,8 +137,13 @@ def test_detector_discounts_a_confident_score_when_the_words_do_not_end_a_senten
     assert run_detector(det, frames(1000, 0.95) + frames(100, 0.02), {}) == ["turn.start"]
     assert det.turn_probability(det.pause, 0.95, sentence_ended=False) == []
     assert det.activity() == pytest.approx(1 - 0.95 * UNFINISHED_WEIGHT, abs=0.03)
-    assert run_detector(det, frames(1000, 0.02), {}) == [], "not even an eager end 1.1 s into the pause"
-    assert "turn.end" not in run_detector(det, frames(1500, 0.02), {}), "still open 2.6 s into the pause"
+    assert run_detector(det, frames(800, 0.02), {}) == [], "not even an eager end 0.9 s into the pause"
+    # A second into the pause the words count no more: prosody alone ends the turn.
+    assert run_detector(det, frames(150, 0.02), {}) == ["turn.end"]
+    det = TurnDetector(TurnParams())
+    run_detector(det, frames(1000, 0.95) + frames(100, 0.02), {})
+    det.turn_probability(det.pause, 0.7, sentence_ended=False)
+    assert "turn.end" not in run_detector(det, frames(1500, 0.02), {}), "unsure and unfinished: open at 1.6 s"
     assert ends_sentence(" I'd like a table.") and ends_sentence(' He said "no!"') and ends_sentence("")
     assert not ends_sentence(" I'd like a table") and not ends_sentence(" and then...")
     assert not ends_sentence(" for two,")
@@ -270,7 +276,7 @@ class FakeRecognizer:
     timed where those frames sit in the window; the newest word flickers in spelling. A transcript that
     repeats, skips or reorders audio is therefore visible in the word names."""
 
-    def decode_utterance(self, audio, language, beam_size, offset=0.0, hotwords=None):
+    def decode_utterance(self, audio, language, beam_size, offset=0.0, hotwords=None, prompt=None):
         groups: dict[int, list[int]] = {}
         for pos in np.flatnonzero(audio <= -0.5):
             groups.setdefault(frame_index(audio[pos]) // WORD_FRAMES, []).append(int(pos) - ID_SAMPLE)
@@ -286,6 +292,8 @@ class FakeRecognizer:
 class FakeScheduler:
     async def run(self, fn, priority, stale=None):
         await asyncio.sleep(0)  # let other coroutines interleave, as a real worker thread would
+        if stale is not None and stale():
+            raise JobSkipped
         return fn()
 
     def depth_at_or_above(self, priority) -> int:
@@ -456,3 +464,8 @@ def test_extend_sent_keeps_sent_words_verbatim() -> None:
     decoded = [("Id", 0, 10), ("liked", 10, 20), ("to", 20, 34), ("book", 34, 40)]
     assert extend_sent(sent, 26, decoded)[0] == ["I'd", "like", "to", "book"], "a cut word heard whole"
     assert extend_sent(sent, 30, [])[0] == sent, "a decode that heard nothing takes nothing back"
+    # A tail decode (prompted with the sent text) hears only what follows; a repeated last word is dropped.
+    tail = [("to", 30, 33), ("book", 33, 40)]
+    assert extend_sent(sent, 30, tail, whole=False) == (["I'd", "like", "to", "book"], [30, 30, 30, 40])
+    tail = [("I'd", 30, 34), ("like", 34, 40)]
+    assert extend_sent(sent, 30, tail, whole=False)[0] == [*sent, "I'd", "like"], "said again: new words"

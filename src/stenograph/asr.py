@@ -139,7 +139,7 @@ class Recognizer:
         beam_size: int,
         offset: float = 0.0,
         hotwords: str | None = None,
-        prefix: str | None = None,
+        prompt: str | None = None,
         word_timestamps: bool = True,
     ) -> Transcription:
         """Low-latency decode of one utterance (< 30 s) for streaming.
@@ -147,7 +147,8 @@ class Recognizer:
         The encoder gets the utterance plus a little padding rather than Whisper's fixed 30 s window, which is
         most of the cost for short audio. Whisper was trained on 30 s windows and occasionally loops on short
         ones, so a result that looks like a loop (high compression ratio, implausible word rate) is decoded
-        again with the full window. `prefix` forces the decoder to start with already-committed text.
+        again with the full window. `prompt` is the text said just before `audio`: a window that starts
+        mid-sentence then continues it (case, punctuation, spelling of names) instead of starting a new one.
         """
         tokenizer = Tokenizer(
             self.model.hf_tokenizer,
@@ -155,9 +156,7 @@ class Recognizer:
             task="transcribe",
             language=language if self.languages is None else "en",
         )
-        options = _streaming_options(
-            tokenizer, beam_size, hotwords if not prefix else None, prefix, word_timestamps
-        )
+        options = _streaming_options(tokenizer, beam_size, hotwords, prompt, word_timestamps)
         features = self.model.feature_extractor(audio)
         short = min(FULL_WINDOW_FRAMES, features.shape[-1] + SHORT_WINDOW_PAD_FRAMES)
         result = self._decode_window(features, short, tokenizer, options)
@@ -180,7 +179,7 @@ class Recognizer:
 
 
 def _streaming_options(
-    tokenizer: Tokenizer, beam_size: int, hotwords: str | None, prefix: str | None, word_timestamps: bool
+    tokenizer: Tokenizer, beam_size: int, hotwords: str | None, prompt: str | None, word_timestamps: bool
 ) -> TranscriptionOptions:
     """Single temperature, no timestamp tokens (word times, when wanted, come from alignment instead)."""
     return TranscriptionOptions(
@@ -196,8 +195,8 @@ def _streaming_options(
         condition_on_previous_text=False,
         prompt_reset_on_temperature=0.5,
         temperatures=[0.0],
-        initial_prompt=None,
-        prefix=prefix,
+        initial_prompt=prompt,
+        prefix=None,
         suppress_blank=True,
         suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
         without_timestamps=True,
