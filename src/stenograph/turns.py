@@ -26,7 +26,8 @@ turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `t
 transcript, so they wait for the pause's decode: it is begun at the pause's first silent frame (two frames
 before the pause is confirmed; skipped if speech resumes before a worker takes it) and, when the unsent tail
 is short, decodes only that tail with the sent text as Whisper's prompt (~0.1 s instead of ~0.3 s for a
-7 s turn). End of a sentence to `turn.end` went from 633 ms to 417 ms (p50, benchmarks/turns.py).
+7 s turn). End of a sentence to `turn.end` went from 633 ms to 417–430 ms (p50 of two runs of
+benchmarks/turns.py).
 
 **Decisions follow the audio, not the clock.** Every decision is made while ingesting a frame, and a pause's
 Smart Turn score and decode are awaited before the next frame is looked at, so the same audio gives the same
@@ -525,7 +526,7 @@ class TurnSession:
         """Everything said in the open segment up to the pause becomes sent text (from the pause's own
         decode when it is still valid)."""
         heard = turn.heard
-        if heard is None or heard.pause != pause or heard.seg_start != turn.seg_start or pause < 0:
+        if heard is None or heard.pause != pause or heard.seg_start != turn.seg_start:
             heard = await self._hear(turn, upto, Priority.FINAL)
         words, ends = self._splice(turn, heard)
         turn.sent = " ".join(words)
