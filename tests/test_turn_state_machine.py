@@ -276,7 +276,9 @@ class FakeRecognizer:
     timed where those frames sit in the window; the newest word flickers in spelling. A transcript that
     repeats, skips or reorders audio is therefore visible in the word names."""
 
-    def decode_utterance(self, audio, language, beam_size, offset=0.0, hotwords=None, prompt=None):
+    def decode_utterance(
+        self, audio, language, beam_size, offset=0.0, hotwords=None, prompt=None, prefix=None
+    ):
         groups: dict[int, list[int]] = {}
         for pos in np.flatnonzero(audio <= -0.5):
             groups.setdefault(frame_index(audio[pos]) // WORD_FRAMES, []).append(int(pos) - ID_SAMPLE)
@@ -454,18 +456,29 @@ def test_session_with_fake_models_same_turns_whatever_the_chunking() -> None:
 
 
 def test_extend_sent_keeps_sent_words_verbatim() -> None:
-    sent = ["I'd", "like", "to"]
+    sent = [("I'd", 0, 10), ("like", 10, 20), ("to", 20, 30)]
+
+    def words(timed: list[tuple[str, int, int]]) -> list[str]:
+        return [w for w, _, _ in timed]
+
     decoded = [("I'd", 0, 10), ("like", 10, 20), ("to,", 20, 30), ("book", 30, 40), ("a", 40, 45)]
-    words, ends = extend_sent(sent, 30, decoded)
-    assert words == ["I'd", "like", "to", "book", "a"] and ends == [30, 30, 30, 40, 45]
-    # Heard differently, or decoded from a later start: the continuation is what lies after the sent words.
+    assert extend_sent(sent, 30, decoded) == [*sent, ("book", 30, 40), ("a", 40, 45)]
+    # Heard differently: the continuation is what lies after the sent words.
     decoded = [("Id", 0, 10), ("liked", 10, 22), ("two", 22, 30), ("book", 30, 40)]
-    assert extend_sent(sent, 30, decoded)[0] == ["I'd", "like", "to", "book"]
+    assert words(extend_sent(sent, 30, decoded)) == ["I'd", "like", "to", "book"]
     decoded = [("Id", 0, 10), ("liked", 10, 20), ("to", 20, 34), ("book", 34, 40)]
-    assert extend_sent(sent, 26, decoded)[0] == ["I'd", "like", "to", "book"], "a cut word heard whole"
-    assert extend_sent(sent, 30, [])[0] == sent, "a decode that heard nothing takes nothing back"
-    # A tail decode (prompted with the sent text) hears only what follows; a repeated last word is dropped.
-    tail = [("to", 30, 33), ("book", 33, 40)]
-    assert extend_sent(sent, 30, tail, whole=False) == (["I'd", "like", "to", "book"], [30, 30, 30, 40])
-    tail = [("I'd", 30, 34), ("like", 34, 40)]
-    assert extend_sent(sent, 30, tail, whole=False)[0] == [*sent, "I'd", "like"], "said again: new words"
+    assert words(extend_sent(sent, 26, decoded)) == ["I'd", "like", "to", "book"], "a cut word heard whole"
+    assert extend_sent(sent, 30, []) == sent, "a decode that heard nothing takes nothing back"
+    # A tail decode whose audio starts at sent word 1, with "like to" as its forced prefix.
+    tail = [("like", 10, 20), ("to", 20, 30), ("book", 30, 40)]
+    assert extend_sent(sent, 30, tail, first=1) == [*sent, ("book", 30, 40)]
+    tail = [("like", 10, 20), ("to", 20, 30), ("like", 30, 35), ("to", 35, 40)]
+    assert words(extend_sent(sent, 30, tail, first=1)) == [*words(sent), "like", "to"], (
+        "said again: new words"
+    )
+    # Words sent since the decode was made are not taken twice.
+    later = [*sent, ("book", 30, 40)]
+    assert extend_sent(later, 40, [*tail[:2], ("book", 30, 40), ("a", 40, 45)], first=1) == [
+        *later,
+        ("a", 40, 45),
+    ]

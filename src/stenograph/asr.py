@@ -32,10 +32,16 @@ log = logging.getLogger("stenograph.asr")
 WHISPER_ALIASES = ("ink-whisper", "ink-whisper-2025-06-04")
 
 # Short-window decoding: the encoder sees the utterance plus this much padding instead of a fixed 30 s.
-# Below ~2 s of padding Whisper often loops or drops words; at 2 s WER matched full-window decoding on the
-# LibriSpeech eval clips while the encoder did a third of the work (benchmarks/streaming.py).
-SHORT_WINDOW_PAD_FRAMES = 200
+# Whisper loops ("It was this one. It was this one. ...") far more often on short windows, most of all on
+# the 1-4 s turn prefixes a live session decodes. On 198 such prefixes of 40 LibriSpeech clips, 2 s of
+# padding looped on 19, 3 s on 8, 4 s on 1, for about 10 ms more per decode; WER of the whole clips was
+# unchanged (4.9-5.0 %).
+SHORT_WINDOW_PAD_FRAMES = 400
 FULL_WINDOW_FRAMES = 3000
+# A loop used to run to Whisper's 448-token limit (2-3 s of decoding on one core, which stalled every turn
+# queued behind it). Nobody says more than ~7 tokens a second, so a decode stops at 10 a second.
+MAX_TOKENS_PER_SECOND = 10
+MIN_MAX_TOKENS = 10
 # Guards that send a short-window decode back through the full 30 s window.
 MAX_COMPRESSION_RATIO = 2.4
 MAX_WORDS_PER_SECOND = 6.0
@@ -141,6 +147,7 @@ class Recognizer:
         hotwords: str | None = None,
         prompt: str | None = None,
         word_timestamps: bool = True,
+        prefix: str | None = None,
     ) -> Transcription:
         """Low-latency decode of one utterance (< 30 s) for streaming.
 
@@ -149,6 +156,9 @@ class Recognizer:
         ones, so a result that looks like a loop (high compression ratio, implausible word rate) is decoded
         again with the full window. `prompt` is the text said just before `audio`: a window that starts
         mid-sentence then continues it (case, punctuation, spelling of names) instead of starting a new one.
+        `prefix` is text known to open `audio`: Whisper is made to say it, then goes on from there, so the
+        window can start a second before the unknown part and still hear its first word in context. The
+        result includes the prefix, with word times aligned as if it had been decoded.
         """
         tokenizer = Tokenizer(
             self.model.hf_tokenizer,
@@ -156,7 +166,10 @@ class Recognizer:
             task="transcribe",
             language=language if self.languages is None else "en",
         )
-        options = _streaming_options(tokenizer, beam_size, hotwords, prompt, word_timestamps)
+        max_tokens = MIN_MAX_TOKENS + int(MAX_TOKENS_PER_SECOND * audio.size / 16000)
+        options = _streaming_options(
+            tokenizer, beam_size, hotwords, prompt, prefix, word_timestamps, max_tokens
+        )
         features = self.model.feature_extractor(audio)
         short = min(FULL_WINDOW_FRAMES, features.shape[-1] + SHORT_WINDOW_PAD_FRAMES)
         result = self._decode_window(features, short, tokenizer, options)
@@ -179,7 +192,13 @@ class Recognizer:
 
 
 def _streaming_options(
-    tokenizer: Tokenizer, beam_size: int, hotwords: str | None, prompt: str | None, word_timestamps: bool
+    tokenizer: Tokenizer,
+    beam_size: int,
+    hotwords: str | None,
+    prompt: str | None,
+    prefix: str | None,
+    word_timestamps: bool,
+    max_tokens: int,
 ) -> TranscriptionOptions:
     """Single temperature, no timestamp tokens (word times, when wanted, come from alignment instead)."""
     return TranscriptionOptions(
@@ -196,7 +215,7 @@ def _streaming_options(
         prompt_reset_on_temperature=0.5,
         temperatures=[0.0],
         initial_prompt=prompt,
-        prefix=None,
+        prefix=prefix,
         suppress_blank=True,
         suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
         without_timestamps=True,
@@ -205,7 +224,7 @@ def _streaming_options(
         prepend_punctuations="\"'“¿([{-",
         append_punctuations="\"'.。,，!！?？:：”)]}、",
         multilingual=False,
-        max_new_tokens=None,
+        max_new_tokens=max_tokens,
         clip_timestamps="0",
         hallucination_silence_threshold=None,
         hotwords=hotwords,

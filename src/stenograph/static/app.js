@@ -379,10 +379,12 @@ class LiveSession {
       case "turn.end": {
         const caption = this.openCaption();
         if (event.transcript) caption.setTurnText(event.transcript);
-        // Measured from the last end of speech the page heard; used once, so a turn.end without new
-        // speech before it shows no latency rather than a wrong one.
-        const endedAt = this.detector.speechEndAt;
+        // Measured from the last end of speech the page heard (or its last voiced frame, when the turn
+        // ended before the page's own level detector called the speech over); used once, so a turn.end
+        // without new speech before it shows no latency rather than a wrong one.
+        const endedAt = this.detector.speechEndAt ?? this.detector.lastVoiceAt;
         this.detector.speechEndAt = null;
+        this.detector.lastVoiceAt = null;
         this.settleCaption(endedAt === null ? null : now - endedAt, "end of speech (as heard by this page) → turn.end");
         break;
       }
