@@ -25,9 +25,8 @@ turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `t
 **The pause decode starts early and hears only the tail.** `turn.eager_end` and `turn.end` carry the
 transcript, so they wait for the pause's decode: it is begun at the pause's first silent frame (two frames
 before the pause is confirmed; skipped if speech resumes before a worker takes it) and, when the unsent tail
-is short, decodes only that tail with the sent text as Whisper's prompt (~0.1 s instead of ~0.3 s for a
-7 s turn). End of a sentence to `turn.end` went from 633 ms to 417–430 ms (p50 of two runs of
-benchmarks/turns.py).
+is short, decodes only that tail plus a second of context whose sent words are forced as Whisper's prefix
+(see `_hear`). End of a sentence to `turn.eager_end` went from 627 ms to 385 ms (p50, benchmarks/turns.py).
 
 **Decisions follow the audio, not the clock.** Every decision is made while ingesting a frame, and a pause's
 Smart Turn score and decode are awaited before the next frame is looked at, so the same audio gives the same
@@ -37,9 +36,7 @@ synchronous; `TurnSession` feeds it and does the decoding.
 **Transcripts are never revised.** Within a turn, text goes out only once it is stable: the words on which two
 successive decodes agree, less the last one. Later decodes keep the sent words verbatim and contribute only
 what follows them (by position when they agree with them, else by word time), so text can only be extended;
-at a pause the whole decode goes out with `turn.eager_end` / `turn.end`. (Forcing the sent text as Whisper's
-`prefix` does the same in theory, but short-window decodes with a forced prefix often loop until the token
-limit: seconds per decode.) Events are a FIFO of coroutines run one at a time by the sender, so text state
+at a pause the whole decode goes out with `turn.eager_end` / `turn.end`. Events are a FIFO of coroutines run one at a time by the sender, so text state
 changes in wire order; a pause's decode runs beside an update in flight and is spliced onto the sent text
 only when its event goes out. A turn's transcript starts with a space when an earlier turn carried text, so
 the session transcript is the plain concatenation of the `turn.end` transcripts.
