@@ -292,14 +292,14 @@ class _Turn:
     sent: Timed = field(default_factory=list)  # the open segment's words already on the wire
     previous: list[str] | None = None  # the words of the last update decode of the open segment
     heard: Heard | None = None  # the decode made at the latest pause
-    words_end: int = 0  # absolute sample index after the last sent word
 
     @property
-    def sent_text(self) -> str:
-        return " ".join(w for w, _, _ in self.sent)
+    def words_end(self) -> int:
+        """Absolute sample index after the last sent word: where the unsent audio begins."""
+        return self.sent[-1][2] if self.sent else self.seg_start
 
     def transcript(self) -> str:
-        text = " ".join(part for part in (self.sealed, self.sent_text) if part)
+        text = _join(self.sealed, _text(self.sent))
         return (self.lead + text) if text else ""
 
 
@@ -422,7 +422,7 @@ class TurnSession:
             raise
         except Exception as exc:
             raise ApiError(500, "internal_error", "Internal error", "transcription failed") from exc
-        text = " ".join(w for w, _, _ in self._splice(turn, turn.heard))
+        text = _text(self._splice(turn, turn.heard))
         return self.detector.turn_probability(pause, await score, ends_sentence(text))
 
     def _apply(self, actions: list[Action], upto: int) -> None:
@@ -433,7 +433,7 @@ class TurnSession:
             if action == START:
                 lead_in = upto - SUSTAIN_FRAMES * FRAME - int(LEAD_IN_SECONDS * SAMPLE_RATE)
                 start = max(self._buf_start, self._last_end, lead_in)
-                turn = _Turn(seg_start=start, words_end=start)
+                turn = _Turn(seg_start=start)
                 self._turn, self._last_update_at = turn, upto
                 self._live.append(turn)
                 self._enqueue(self._started(turn))
@@ -517,10 +517,10 @@ class TurnSession:
         if turn.previous is not None:
             stable = min(_common_prefix(turn.previous, plain), len(words) - HOLDBACK_WORDS)
             if stable > len(turn.sent):
-                turn.sent, turn.words_end = words[:stable], words[stable - 1][2]
+                turn.sent = words[:stable]
         turn.previous = plain
         if (upto - turn.seg_start) / SAMPLE_RATE > self.config.max_segment and turn.sent:
-            turn.sealed = " ".join(part for part in (turn.sealed, turn.sent_text) if part)
+            turn.sealed = _join(turn.sealed, _text(turn.sent))
             turn.seg_start, turn.sent, turn.previous = turn.words_end, [], None
         after = turn.transcript()
         return TurnEvent(UPDATE, after) if after != before else None
@@ -532,7 +532,6 @@ class TurnSession:
         if heard is None or heard.pause != pause or heard.seg_start != turn.seg_start:
             heard = await self._hear(turn, upto, Priority.FINAL)
         turn.sent = self._splice(turn, heard)
-        turn.words_end = turn.sent[-1][2] if turn.sent else turn.words_end
 
     async def _eager_end(self, turn: _Turn, pause: int, upto: int) -> TurnEvent:
         await self._send_all(turn, pause, upto)
@@ -575,7 +574,7 @@ class TurnSession:
         short = end - turn.words_end <= MAX_TAIL_SECONDS * SAMPLE_RATE
         if turn.sent and short and priority is Priority.FINAL:
             k = _context_start(turn.sent, turn.words_end - int(CONTEXT_SECONDS * SAMPLE_RATE))
-            said = " ".join(part for part in (turn.sealed, *(w for w, _, _ in turn.sent[:k])) if part)
+            said = _join(turn.sealed, _text(turn.sent[:k]))
             context = turn.sent[k:]
             heard = await self._decode(turn, context[0][1], end, priority, pause, said, stale, context)
             speech_end = min(end, self._last_speech)
@@ -603,7 +602,7 @@ class TurnSession:
         if audio.size < FRAME:
             return heard
         beam, prompt = self.config.beam_size, " ".join(said.split()[-PROMPT_WORDS:]) or None
-        prefix = " ".join(w for w, _, _ in context or ()) or None
+        prefix = _text(context or []) or None
 
         def job() -> Transcription:
             return self.recognizer.decode_utterance(
@@ -648,6 +647,14 @@ def extend_sent(sent: Timed, sent_end: int, decoded: Timed, first: int = 0) -> T
         if rest and sent and _plain(rest[0][0]) == _plain(sent[-1][0]) and rest[0][1] < sent_end:
             rest = rest[1:]
     return [*sent, *rest]
+
+
+def _text(words: Timed) -> str:
+    return " ".join(w for w, _, _ in words)
+
+
+def _join(*parts: str) -> str:
+    return " ".join(part for part in parts if part)
 
 
 def _context_start(sent: Timed, at: int) -> int:
