@@ -254,7 +254,8 @@ def main() -> None:
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {**machine(), "load_before": load_before, "load_after": os.getloadavg()},
-        "settings": "defaults: whisper-base int8 (ink-2), 2 workers x 1 thread, turn 0.8/0.4/0.2/5600",
+        "settings": "defaults: whisper-base int8 (ink-2), turn.update decodes on whisper-tiny.en, "
+        "2 workers x 1 thread, turn 0.8/0.4/0.2/5600",
         "targets": TARGETS,
         "summary": summary,
         "latency_sessions": [asdict(s) for s in latency],

@@ -22,8 +22,10 @@ from stenograph.scheduler import JobSkipped
 from stenograph.turns import (
     FRAME_MS,
     PAUSE_FRAMES,
+    SENTENCE_END_PROBABILITY,
     UNFINISHED_WEIGHT,
     CheckTurn,
+    Heard,
     IllegalTransition,
     TurnConfig,
     TurnDetector,
@@ -147,6 +149,17 @@ def test_detector_discounts_a_confident_score_when_the_words_do_not_end_a_senten
     assert ends_sentence(" I'd like a table.") and ends_sentence(' He said "no!"') and ends_sentence("")
     assert not ends_sentence(" I'd like a table") and not ends_sentence(" and then...")
     assert not ends_sentence(" for two,")
+
+
+def test_pause_decode_judges_the_sentence_end_by_whisper_probability_not_its_punctuation() -> None:
+    words = [("a", 0, 100), ("table", 100, 200)]
+    assert Heard(1, 0, 0, words, end_probability=0.3).sentence_ended(" a table"), "likely, unprinted"
+    assert not Heard(1, 0, 0, words, end_probability=0.1).sentence_ended(" a table."), "printed but unlikely"
+    assert SENTENCE_END_PROBABILITY == 0.25
+    # Without a probability (beam search, or nothing heard) the printed punctuation decides.
+    assert Heard(1, 0, 0, words).sentence_ended(" a table.")
+    assert not Heard(1, 0, 0, words).sentence_ended(" a table")
+    assert Heard(1, 0, 0, [], end_probability=0.0).sentence_ended(""), "a cough is left to Smart Turn"
 
 
 def test_detector_timeout_ends_a_turn_whatever_the_model_says() -> None:
@@ -277,7 +290,7 @@ class FakeRecognizer:
     repeats, skips or reorders audio is therefore visible in the word names."""
 
     def decode_utterance(
-        self, audio, language, beam_size, offset=0.0, hotwords=None, prompt=None, prefix=None
+        self, audio, language, beam_size, offset=0.0, hotwords=None, prompt=None, prefix=None, **_
     ):
         groups: dict[int, list[int]] = {}
         for pos in np.flatnonzero(audio <= -0.5):

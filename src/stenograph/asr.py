@@ -16,7 +16,7 @@ import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
-from faster_whisper.transcribe import Segment, TranscriptionOptions, get_suppressed_tokens
+from faster_whisper.transcribe import Segment, get_compression_ratio, get_suppressed_tokens
 
 from stenograph.config import Settings
 from stenograph.errors import ApiError, model_not_found
@@ -46,6 +46,12 @@ MIN_MAX_TOKENS = 10
 MAX_COMPRESSION_RATIO = 2.4
 MAX_WORDS_PER_SECOND = 6.0
 REPEATED_PHRASE_WORDS = 5
+# faster-whisper's defaults: a window is silence when Whisper expects no speech and is unsure of its words.
+NO_SPEECH_THRESHOLD = 0.6
+LOG_PROB_THRESHOLD = -1.0
+PREPEND_PUNCTUATION = "\"'“¿([{-"
+APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
+SENTENCE_ENDS = (".", "?", "!")
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class Word:
 class Transcription:
     text: str  # verbatim model text: segments joined, each with its own leading space
     words: list[Word]
+    compression_ratio: float = 1.0
+    # Whisper's probability that a sentence ends after the last word; only when asked for (turn detection).
+    end_probability: float | None = None
 
     @property
     def empty(self) -> bool:
@@ -148,6 +157,7 @@ class Recognizer:
         prompt: str | None = None,
         word_timestamps: bool = True,
         prefix: str | None = None,
+        end_probability: bool = False,
     ) -> Transcription:
         """Low-latency decode of one utterance (< 30 s) for streaming.
 
@@ -158,7 +168,9 @@ class Recognizer:
         mid-sentence then continues it (case, punctuation, spelling of names) instead of starting a new one.
         `prefix` is text known to open `audio`: Whisper is made to say it, then goes on from there, so the
         window can start a second before the unknown part and still hear its first word in context. The
-        result includes the prefix, with word times aligned as if it had been decoded.
+        result includes the prefix, with word times aligned as if it had been decoded. With
+        `end_probability`, the result also says how likely Whisper found a sentence end after the last word
+        (see `Transcription.end_probability`).
         """
         tokenizer = Tokenizer(
             self.model.hf_tokenizer,
@@ -166,69 +178,96 @@ class Recognizer:
             task="transcribe",
             language=language if self.languages is None else "en",
         )
-        max_tokens = MIN_MAX_TOKENS + int(MAX_TOKENS_PER_SECOND * audio.size / 16000)
-        options = _streaming_options(
-            tokenizer, beam_size, hotwords, prompt, prefix, word_timestamps, max_tokens
+        request = _Request(
+            prompt=self._prompt(tokenizer, prompt, prefix, hotwords),
+            beam_size=beam_size,
+            max_tokens=MIN_MAX_TOKENS + int(MAX_TOKENS_PER_SECOND * audio.size / 16000),
+            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
+            word_timestamps=word_timestamps,
+            end_probability=end_probability and beam_size == 1,  # beam search returns no logits
         )
         features = self.model.feature_extractor(audio)
         short = min(FULL_WINDOW_FRAMES, features.shape[-1] + SHORT_WINDOW_PAD_FRAMES)
-        result = self._decode_window(features, short, tokenizer, options)
+        result = self._decode_window(features, short, tokenizer, request, offset)
         if short < FULL_WINDOW_FRAMES and _looks_degenerate(result, audio.size / 16000):
-            result = self._decode_window(features, FULL_WINDOW_FRAMES, tokenizer, options)
-        return Transcription("".join(s.text for s in result), _words(result, offset))
+            result = self._decode_window(features, FULL_WINDOW_FRAMES, tokenizer, request, offset)
+        return result
+
+    def _prompt(
+        self, tokenizer: Tokenizer, prompt: str | None, prefix: str | None, hotwords: str | None
+    ) -> list[int]:
+        previous = tokenizer.encode(" " + prompt.strip()) if prompt and prompt.strip() else []
+        return self.model.get_prompt(
+            tokenizer, previous, without_timestamps=True, prefix=prefix, hotwords=hotwords
+        )
 
     def _decode_window(
-        self, features: np.ndarray, window: int, tokenizer: Tokenizer, options: TranscriptionOptions
-    ) -> list[Segment]:
+        self, features: np.ndarray, window: int, tokenizer: Tokenizer, request: _Request, offset: float
+    ) -> Transcription:
+        """One greedy (or beam) pass over one encoder window, without timestamp tokens, so the whole window
+        is one segment and decoding stops there: faster-whisper's own loop would seek to the last word's end
+        and decode the trailing pause in a fresh 30 s window, which costs a full encoder pass and is where
+        "you" and "Thank you." hallucinations come from. Word times, when wanted, come from faster-whisper's
+        cross-attention alignment, as in its own loop."""
         encoder_output = self.model.encode(pad_or_trim(features[:, :FULL_WINDOW_FRAMES], window))
-        segments = self.model.generate_segments(
-            features, tokenizer, options, False, encoder_output=encoder_output
-        )
-        # Without timestamp tokens the first window is one segment. Stop there: after it, faster-whisper seeks
-        # to the last word's end and decodes the trailing pause in a fresh 30 s window, which costs a full
-        # encoder pass and is where "you" and "Thank you." hallucinations come from.
-        first = next(iter(segments), None)
-        return [] if first is None else [first]
+        result = self.model.model.generate(
+            encoder_output,
+            [request.prompt],
+            beam_size=request.beam_size,
+            max_length=len(request.prompt) + request.max_tokens,
+            return_scores=True,
+            return_no_speech_prob=True,
+            return_logits_vocab=request.end_probability,
+            suppress_blank=True,
+            suppress_tokens=request.suppress_tokens,
+        )[0]
+        tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+        text = tokenizer.decode(tokens)
+        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+        silent = result.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOG_PROB_THRESHOLD
+        if silent or not text.strip():
+            return Transcription("", [])
+        words: list[Word] = []
+        if request.word_timestamps:
+            frames = min(FULL_WINDOW_FRAMES, features.shape[-1] - 1)
+            segment = {"seek": 0, "start": 0.0, "end": frames / 100, "tokens": tokens}
+            self.model.add_word_timestamps(
+                [[segment]], tokenizer, encoder_output, frames, PREPEND_PUNCTUATION, APPEND_PUNCTUATION, 0.0
+            )
+            if segment["start"] == segment["end"]:  # words aligned to no audio at all: nothing was heard
+                return Transcription("", [])
+            words = [
+                Word(w["word"].strip(), offset + w["start"], offset + w["end"])
+                for w in segment["words"]
+                if w["word"].strip()
+            ]
+        end = _end_probability(tokenizer, tokens, result.logits[0]) if request.end_probability else None
+        return Transcription(text, words, get_compression_ratio(text.strip()), end)
 
 
-def _streaming_options(
-    tokenizer: Tokenizer,
-    beam_size: int,
-    hotwords: str | None,
-    prompt: str | None,
-    prefix: str | None,
-    word_timestamps: bool,
-    max_tokens: int,
-) -> TranscriptionOptions:
-    """Single temperature, no timestamp tokens (word times, when wanted, come from alignment instead)."""
-    return TranscriptionOptions(
-        beam_size=beam_size,
-        best_of=1,
-        patience=1.0,
-        length_penalty=1.0,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        log_prob_threshold=-1.0,
-        no_speech_threshold=0.6,
-        compression_ratio_threshold=MAX_COMPRESSION_RATIO,
-        condition_on_previous_text=False,
-        prompt_reset_on_temperature=0.5,
-        temperatures=[0.0],
-        initial_prompt=prompt,
-        prefix=prefix,
-        suppress_blank=True,
-        suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
-        without_timestamps=True,
-        max_initial_timestamp=1.0,
-        word_timestamps=word_timestamps,
-        prepend_punctuations="\"'“¿([{-",
-        append_punctuations="\"'.。,，!！?？:：”)]}、",
-        multilingual=False,
-        max_new_tokens=max_tokens,
-        clip_timestamps="0",
-        hallucination_silence_threshold=None,
-        hotwords=hotwords,
-    )
+@dataclass(frozen=True)
+class _Request:
+    """What stays the same across the short-window decode and its full-window retry."""
+
+    prompt: list[int]
+    beam_size: int
+    max_tokens: int
+    suppress_tokens: list[int]
+    word_timestamps: bool
+    end_probability: bool
+
+
+def _end_probability(tokenizer: Tokenizer, tokens: list[int], logits: list) -> float:
+    """Whisper's probability of `.`, `?` or `!` right after the last word: the step that chose the final
+    punctuation, or the end of text when there was none. A short window often ends without the full stop
+    that Whisper still rates likely there, so the probability says more than the printed text."""
+    step = len(tokens)
+    while step > 0 and tokenizer.decode(tokens[step - 1 : step]).strip() in SENTENCE_ENDS:
+        step -= 1
+    row = np.asarray(logits[min(step, len(logits) - 1)], dtype=np.float64)
+    p = np.exp(row - row.max())
+    ids = [tokenizer.encode(mark)[0] for mark in SENTENCE_ENDS]
+    return float(p[ids].sum() / p.sum())
 
 
 def _words(segments: list[Segment], offset: float) -> list[Word]:
@@ -240,11 +279,11 @@ def _words(segments: list[Segment], offset: float) -> list[Word]:
     ]
 
 
-def _looks_degenerate(segments: list[Segment], seconds: float) -> bool:
+def _looks_degenerate(result: Transcription, seconds: float) -> bool:
     """Signs of a decoder loop: repetitive text, more words than anyone speaks, or a phrase said twice."""
-    if any(seg.compression_ratio > MAX_COMPRESSION_RATIO for seg in segments):
+    if result.compression_ratio > MAX_COMPRESSION_RATIO:
         return True
-    words = [w.lower().strip(".,!?;:") for seg in segments for w in seg.text.split()]
+    words = [w.lower().strip(".,!?;:") for w in result.text.split()]
     if len(words) > MAX_WORDS_PER_SECOND * max(seconds, 1.0):
         return True
     grams = [
@@ -294,12 +333,12 @@ class Engine:
                 self._recognizers[spec.name] = rec
             return rec
 
-    def interim_recognizer(self, model_id: str, language: str) -> Recognizer:
-        """The model for a session's interims: the configured small English model for English sessions."""
-        name = self.settings.stream_interim_model
-        if not name or language != "en":
+    def interim_recognizer(self, model_id: str, language: str, small_model: str) -> Recognizer:
+        """The model for a session's frequent re-decodes (streaming interims, turn updates): `small_model`
+        for English sessions, else (or when it is empty) the session's own model."""
+        if not small_model or language != "en":
             return self.recognizer(model_id)
-        return self.recognizer(name)
+        return self.recognizer(small_model)
 
     def languages(self, model_id: str) -> frozenset[str]:
         langs = self.recognizer(model_id).languages
@@ -324,7 +363,7 @@ class Engine:
         """Load (and hash-check) models up front so the first request doesn't pay for it."""
         _ = self.vad
         _ = self.smart_turn
-        for model_id in [*model_ids, self.settings.stream_interim_model]:
+        for model_id in [*model_ids, self.settings.stream_interim_model, self.settings.turn_update_model]:
             if model_id:
                 self.recognizer(model_id)
 

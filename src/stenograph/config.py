@@ -92,6 +92,9 @@ class Settings:
     turn_end_threshold: float = 0.2
     turn_end_timeout_ms: float = 5600.0
     turn_update_interval: float = 1.0  # seconds of new speech between turn.update decodes
+    # `turn.update` decodes use this smaller English model (empty: the session's own model); the decode at
+    # each pause, whose words and sentence-end probability decide `turn.eager_end`/`turn.end`, never does.
+    turn_update_model: str = "whisper-tiny.en"
     turn_threads: int = 1  # onnxruntime intra-op threads per Smart Turn call
 
     @classmethod

@@ -94,7 +94,9 @@ class StreamSession:
     def __init__(self, engine: Engine, recognizer: Recognizer, config: StreamConfig) -> None:
         self.engine = engine
         self.recognizer = recognizer
-        self._interim_recognizer = engine.interim_recognizer(config.model_id, config.language)
+        self._interim_recognizer = engine.interim_recognizer(
+            config.model_id, config.language, engine.settings.stream_interim_model
+        )
         self.config = config
         self.outputs: asyncio.Queue[Awaitable[Output | None]] = asyncio.Queue()
         self._decoder = PcmDecoder(config.encoding, config.sample_rate)

@@ -102,8 +102,10 @@ class TurnStream(StreamEndpoint):
     endpoint = "turns"
 
     def open_session(self, params: QueryParams) -> TurnSession:
-        config = parse_turn_config(self.engine, params, params.getlist("keyterm"))
-        return TurnSession(self.engine, self.engine.recognizer(config.model_id), config)
+        engine = self.engine
+        config = parse_turn_config(engine, params, params.getlist("keyterm"))
+        updates = engine.interim_recognizer(config.model_id, "en", engine.settings.turn_update_model)
+        return TurnSession(engine, engine.recognizer(config.model_id), config, updates)
 
     async def on_open(self, ws: WebSocket, request_id: str) -> None:
         await send_json(ws, protocol.simple_event("connected", request_id))

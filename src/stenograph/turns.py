@@ -10,9 +10,9 @@ turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `t
 - While the user speaks, activity is 1.
 - Once they pause (three frames below the 0.5 speech line, ~100 ms), Smart Turn v3.2 scores the audio so far
   once, giving `p_complete`, halved for the first second of the pause when the pause's own Whisper decode
-  does not end a sentence (`.`, `?`, `!`): read speech often has falling, "final" intonation at commas,
-  which Whisper does not punctuate as a sentence end (after a second, prosody alone decides, since Whisper
-  also drops some final full stops). Activity then decays with the silence:
+  does not end a sentence (Whisper's probability of `.`/`?`/`!` after the last word is below 0.25): read
+  speech often has falling, "final" intonation at commas, which Whisper does not take for a sentence end
+  (after a second, prosody alone decides). Activity then decays with the silence:
 
       activity = (1 - p_complete) * max(0, 1 - silence_ms / end_timeout_ms)
 
@@ -25,8 +25,9 @@ turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `t
 **The pause decode starts early and hears only the tail.** `turn.eager_end` and `turn.end` carry the
 transcript, so they wait for the pause's decode: it is begun at the pause's first silent frame (two frames
 before the pause is confirmed; skipped if speech resumes before a worker takes it) and, when the unsent tail
-is short, decodes only that tail plus a second of context whose sent words are forced as Whisper's prefix
-(see `_hear`). End of a sentence to `turn.eager_end` went from 627 ms to 385 ms (p50, benchmarks/turns.py).
+is short, decodes only that tail plus 0.6 s of context whose sent words are forced as Whisper's prefix
+(see `_hear`). The frequent `turn.update` decodes may use a smaller model (`update_recognizer`); the pause
+decode never does, since its words end the turn and its full-stop probability judges the sentence end.
 
 **Decisions follow the audio, not the clock.** Every decision is made while ingesting a frame, and a pause's
 Smart Turn score and decode are awaited before the next frame is looked at, so the same audio gives the same
@@ -71,10 +72,13 @@ UNFINISHED_HOLD_FRAMES = 31  # ... for the first second of the pause (Whisper dr
 LEAD_IN_SECONDS = 0.5  # audio kept before the frame that opened a turn
 SMART_TURN_SECONDS = 8.0
 HOLDBACK_WORDS = 1  # the newest agreed word is not sent until a later decode confirms what follows it
-PROMPT_WORDS = 40  # sent words given to Whisper as the text before a tail window
+PROMPT_WORDS = 20  # sent words given to Whisper as the text before a tail window
 COVERAGE_SLACK = 0.6  # a tail decode whose last word ends this long before the speech did stopped early
 MAX_TAIL_SECONDS = 4.0  # pause decodes hear only the unsent tail (and its context) when it is this short
-CONTEXT_SECONDS = 1.0  # sent audio a tail decode hears before the unsent part, with its words as prefix
+CONTEXT_SECONDS = 0.6  # sent audio a tail decode hears before the unsent part, with its words as prefix
+# Whisper's probability of `.`/`?`/`!` after a pause decode's last word at or above which the words end a
+# sentence (see `Heard.sentence_ended`).
+SENTENCE_END_PROBABILITY = 0.25
 FRAME_MS = FRAME * 1000 / SAMPLE_RATE
 
 START, UPDATE, EAGER_END, RESUME, END = (
@@ -316,6 +320,17 @@ class Heard:
     seg_start: int  # the segment it belongs to
     first: int  # the sent word its audio starts with: 0, or a tail decode's first context word
     words: Timed
+    end_probability: float | None = None  # Whisper's probability of a sentence end after the last word
+
+    def sentence_ended(self, text: str) -> bool:
+        """Do the words so far end a sentence? Whisper's own probability of a full stop after the last word,
+        when the decode has one, else the printed punctuation of `text` (the turn's transcript with these
+        words spliced on). A short window often ends without the full stop Whisper still rates likely there:
+        3 of the 20 benchmark sentences printed none at their real end, where the probability was 0.36-0.68;
+        at inserted mid-sentence pauses both checks let about as few through (4 against 3 of 60)."""
+        if self.end_probability is None or not self.words:
+            return ends_sentence(text)
+        return self.end_probability >= SENTENCE_END_PROBABILITY
 
 
 @dataclass
@@ -331,9 +346,17 @@ class _Early:
 class TurnSession:
     """One connection: audio in, decisions from the detector, ordered turn events out."""
 
-    def __init__(self, engine: Engine, recognizer: Recognizer, config: TurnConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        recognizer: Recognizer,
+        config: TurnConfig,
+        update_recognizer: Recognizer | None = None,
+    ) -> None:
         self.engine = engine
         self.recognizer = recognizer
+        # `turn.update` decodes: most of a session's model time, so a smaller model may serve them.
+        self.update_recognizer = update_recognizer or recognizer
         self.config = config
         self.outputs: asyncio.Queue[Awaitable[TurnEvent | None]] = asyncio.Queue()
         self.detector = TurnDetector(config.params)
@@ -423,7 +446,7 @@ class TurnSession:
         except Exception as exc:
             raise ApiError(500, "internal_error", "Internal error", "transcription failed") from exc
         text = _text(self._splice(turn, turn.heard))
-        return self.detector.turn_probability(pause, await score, ends_sentence(text))
+        return self.detector.turn_probability(pause, await score, turn.heard.sentence_ended(text))
 
     def _apply(self, actions: list[Action], upto: int) -> None:
         # A pause decode stands for the turn's audio only if nothing was said after it: the detector is
@@ -560,14 +583,16 @@ class TurnSession:
         """Decode what the open segment says after its sent words, up to `end`.
 
         A pause decode is what `turn.eager_end` / `turn.end` wait for, so when the unsent part is short it
-        hears only that part plus a second of context before it, with the context's sent words forced as
-        Whisper's prefix and the earlier ones as its prompt: 0.16 s instead of 0.3 s for a 7 s turn. On 60
-        LibriSpeech clips with the last 2.5-3.5 s unsent this scored 8.6 % WER, against 8.4 % for a decode of
-        the whole segment spliced the same way; without the context (the window starting at the last sent
-        word, prompted) it was 8.9 %, and 11 % in live sessions, since a window cut at a word boundary often
-        mishears its first word. Such a decode occasionally stops at a full stop and ignores the rest: when
-        its words end well before the speech did, the whole segment is decoded instead. Updates always decode
-        the whole segment: the sent text is built from them, and chaining short windows cost 2 WER points.
+        hears only that part plus CONTEXT_SECONDS of context before it, with the context's sent words
+        forced as Whisper's prefix and the earlier ones as its prompt. On 60 LibriSpeech clips with the last
+        2.5-3.5 s unsent this scored 8.6 % WER (1 s of context), against 8.4 % for a decode of the whole
+        segment spliced the same way; without the context (the window starting at the last sent word,
+        prompted) it was 8.9 %, and 11 % in live sessions, since a window cut at a word boundary often
+        mishears its first word. A forced prefix costs a decoder step per token, like generated text, hence
+        only 0.6 s of it. Such a decode occasionally stops at a full stop and ignores the rest: when its
+        words end well before the speech did, the whole segment is decoded instead. Updates always decode
+        the whole segment (on the update model): the sent text is built from them, and chaining short
+        windows cost 2 WER points.
         """
         if stale is None and priority is Priority.INTERIM:
             stale = lambda: turn not in self._live  # noqa: E731
@@ -603,10 +628,12 @@ class TurnSession:
             return heard
         beam, prompt = self.config.beam_size, " ".join(said.split()[-PROMPT_WORDS:]) or None
         prefix = _text(context or []) or None
+        update = priority is Priority.INTERIM
+        recognizer = self.update_recognizer if update else self.recognizer
 
         def job() -> Transcription:
-            return self.recognizer.decode_utterance(
-                audio, "en", beam, 0.0, self._hotwords, prompt, prefix=prefix
+            return recognizer.decode_utterance(
+                audio, "en", beam, 0.0, self._hotwords, prompt, prefix=prefix, end_probability=not update
             )
 
         result: Transcription = await self.engine.scheduler.run(job, priority, stale)
@@ -614,7 +641,7 @@ class TurnSession:
             (w.word, start + int(w.start * SAMPLE_RATE), start + int(w.end * SAMPLE_RATE))
             for w in result.words
         ] or [(word, end, end) for word in result.text.split()]
-        return replace(heard, words=words)
+        return replace(heard, words=words, end_probability=result.end_probability)
 
     @staticmethod
     def _splice(turn: _Turn, heard: Heard) -> Timed:

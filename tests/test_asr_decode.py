@@ -1,0 +1,61 @@
+"""`Recognizer.decode_utterance` on real speech with the real models: the sentence-end probability that turn
+detection relies on, and the single-window decode it comes from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stenograph.asr import ModelSpec, Recognizer
+from stenograph.audio import SAMPLE_RATE, read_file
+from stenograph.config import Settings
+from tests.conftest import MODEL_DIR
+
+EVAL_CLIP = "audio/librispeech_test_clean/1089-134686-0002.flac"  # "... the squalid quarter of the brothels"
+
+
+@pytest.fixture(scope="module")
+def base() -> Recognizer:
+    settings = Settings(model_dir=MODEL_DIR, workers=1, cpu_threads=1)
+    return Recognizer(ModelSpec("whisper-base", MODEL_DIR / "whisper-base", catalogued=True), settings)
+
+
+@pytest.fixture(scope="module")
+def sentence(clips) -> np.ndarray:
+    clip = next(c for c in clips if c.path.as_posix().endswith(EVAL_CLIP))
+    return read_file(str(Path(clip.path)))
+
+
+def test_end_probability_is_high_after_a_sentence_and_low_inside_one(base: Recognizer, sentence) -> None:
+    whole = base.decode_utterance(sentence, "en", 1, end_probability=True)
+    assert whole.text.strip().lower().endswith("brothels.")
+    assert whole.end_probability is not None and whole.end_probability > 0.5
+    # Cut after "the squalid quarter of": nobody ends a sentence on "of".
+    of = [w for w in whole.words if w.word.lower() == "of"][-1]
+    inside = base.decode_utterance(sentence[: int(of.end * SAMPLE_RATE)], "en", 1, end_probability=True)
+    assert inside.text.strip().lower().rstrip(".").endswith("quarter of")
+    assert inside.end_probability is not None and inside.end_probability < 0.1
+
+
+def test_end_probability_only_when_asked_and_only_for_greedy_decoding(base: Recognizer, sentence) -> None:
+    assert base.decode_utterance(sentence, "en", 1).end_probability is None
+    beam = base.decode_utterance(sentence, "en", 5, end_probability=True)
+    assert beam.end_probability is None  # beam search returns no per-step probabilities
+    assert beam.text.strip().lower().endswith("brothels.")
+
+
+def test_prefix_is_said_and_aligned_and_prompt_is_not_repeated(base: Recognizer, sentence) -> None:
+    whole = base.decode_utterance(sentence, "en", 1)
+    here = next(i for i, w in enumerate(whole.words) if w.word.lower() == "here")
+    start = whole.words[here].start
+    tail = sentence[int(start * SAMPLE_RATE) :]
+    said = " ".join(w.word for w in whole.words[:here])
+    context = " ".join(w.word for w in whole.words[here : here + 3])
+    out = base.decode_utterance(tail, "en", 1, offset=start, prompt=said, prefix=context)
+    words = [w.word for w in out.words]
+    assert words[:3] == context.split(), "the prefix opens the result verbatim"
+    assert words[-1].lower().startswith("brothels")
+    assert all(start <= w.start <= w.end for w in out.words), "times are offset into the caller's audio"
+    assert out.words[-1].end == pytest.approx(whole.words[-1].end, abs=0.3)
