@@ -230,7 +230,8 @@ class Recognizer:
         words: list[Word] = []
         if request.word_timestamps:
             frames = min(FULL_WINDOW_FRAMES, features.shape[-1] - 1)
-            segment = {"seek": 0, "start": 0.0, "end": frames / 100, "tokens": tokens}
+            duration = frames * self.model.feature_extractor.time_per_frame
+            segment = {"seek": 0, "start": 0.0, "end": duration, "tokens": tokens}
             self.model.add_word_timestamps(
                 [[segment]], tokenizer, encoder_output, frames, PREPEND_PUNCTUATION, APPEND_PUNCTUATION, 0.0
             )
@@ -257,14 +258,17 @@ class _Request:
     end_probability: bool
 
 
-def _end_probability(tokenizer: Tokenizer, tokens: list[int], logits: list) -> float:
+def _end_probability(tokenizer: Tokenizer, tokens: list[int], logits: list[ctranslate2.StorageView]) -> float:
     """Whisper's probability of `.`, `?` or `!` right after the last word: the step that chose the final
     punctuation, or the end of text when there was none. A short window often ends without the full stop
     that Whisper still rates likely there, so the probability says more than the printed text."""
     step = len(tokens)
     while step > 0 and tokenizer.decode(tokens[step - 1 : step]).strip() in SENTENCE_ENDS:
         step -= 1
-    row = np.asarray(logits[min(step, len(logits) - 1)], dtype=np.float64)
+    view = logits[min(step, len(logits) - 1)]
+    if view.device != "cpu":  # CUDA: bring the one row needed to the host
+        view = view.to_device(ctranslate2.Device.cpu)
+    row = np.asarray(view.to(ctranslate2.DataType.float32), dtype=np.float64)
     p = np.exp(row - row.max())
     ids = [tokenizer.encode(mark)[0] for mark in SENTENCE_ENDS]
     return float(p[ids].sum() / p.sum())
