@@ -20,10 +20,13 @@ from stenograph.asr import Transcription, Word
 from stenograph.errors import ApiError
 from stenograph.scheduler import JobSkipped
 from stenograph.turns import (
+    CONFIDENT_SENTENCE_END,
     FRAME_MS,
+    GOING_ON,
     PAUSE_FRAMES,
     SENTENCE_END_PROBABILITY,
     UNFINISHED_WEIGHT,
+    WORDS_COMPLETE,
     CheckTurn,
     Heard,
     IllegalTransition,
@@ -137,14 +140,14 @@ def test_detector_confident_end_after_the_hold_and_unsure_end_waits() -> None:
 def test_detector_discounts_a_confident_score_when_the_words_do_not_end_a_sentence() -> None:
     det = TurnDetector(TurnParams())
     assert run_detector(det, frames(1000, 0.95) + frames(100, 0.02), {}) == ["turn.start"]
-    assert det.turn_probability(det.pause, 0.95, sentence_ended=False) == []
+    assert det.turn_probability(det.pause, 0.95, sentence_end=0.1) == []
     assert det.activity() == pytest.approx(1 - 0.95 * UNFINISHED_WEIGHT, abs=0.03)
     assert run_detector(det, frames(800, 0.02), {}) == [], "not even an eager end 0.9 s into the pause"
     # A second into the pause the words count no more: prosody alone ends the turn.
     assert run_detector(det, frames(150, 0.02), {}) == ["turn.end"]
     det = TurnDetector(TurnParams())
     run_detector(det, frames(1000, 0.95) + frames(100, 0.02), {})
-    det.turn_probability(det.pause, 0.7, sentence_ended=False)
+    det.turn_probability(det.pause, 0.7, sentence_end=0.1)
     assert "turn.end" not in run_detector(det, frames(1500, 0.02), {}), "unsure and unfinished: open at 1.6 s"
     assert ends_sentence(" I'd like a table.") and ends_sentence(' He said "no!"') and ends_sentence("")
     assert not ends_sentence(" I'd like a table") and not ends_sentence(" and then...")
@@ -153,13 +156,38 @@ def test_detector_discounts_a_confident_score_when_the_words_do_not_end_a_senten
 
 def test_pause_decode_judges_the_sentence_end_by_whisper_probability_not_its_punctuation() -> None:
     words = [("a", 0, 100), ("table", 100, 200)]
-    assert Heard(1, 0, 0, words, end_probability=0.3).sentence_ended(" a table"), "likely, unprinted"
-    assert not Heard(1, 0, 0, words, end_probability=0.1).sentence_ended(" a table."), "printed but unlikely"
+    assert Heard(1, 0, 0, words, end_probability=0.3).sentence_end(" a table") == 0.3, "likely, unprinted"
+    assert Heard(1, 0, 0, words, end_probability=0.1).sentence_end(" a table.") == 0.1, "printed, unlikely"
     assert SENTENCE_END_PROBABILITY == 0.25
-    # Without a probability (beam search, or nothing heard) the printed punctuation decides.
-    assert Heard(1, 0, 0, words).sentence_ended(" a table.")
-    assert not Heard(1, 0, 0, words).sentence_ended(" a table")
-    assert Heard(1, 0, 0, [], end_probability=0.0).sentence_ended(""), "a cough is left to Smart Turn"
+    # Without a probability (beam search, or nothing heard) the printed punctuation says ended, never sure.
+    assert Heard(1, 0, 0, words).sentence_end(" a table.") == SENTENCE_END_PROBABILITY
+    assert Heard(1, 0, 0, words).sentence_end(" a table") == 0.0
+    assert Heard(1, 0, 0, [], end_probability=0.0).sentence_end("") == SENTENCE_END_PROBABILITY, "a cough"
+
+
+def test_detector_lets_a_sure_sentence_end_speak_for_an_unsure_smart_turn() -> None:
+    def after_pause(p_complete: float, sentence_end: float) -> list[str]:
+        det = TurnDetector(TurnParams())
+        run_detector(det, frames(1000, 0.95) + frames(100, 0.02), {})
+        return det.turn_probability(det.pause, p_complete, sentence_end) + run_detector(
+            det, frames(100, 0.02), {}
+        )
+
+    # Smart Turn unsure (0.5): no eager end unless Whisper is sure of the full stop.
+    # Then the end follows (1 - 0.75) * (1 - s / 5600) < 0.2, after s = 1120 ms of silence, long before the
+    # unsure 0.5 alone would end it (at 3.4 s).
+    assert after_pause(0.5, CONFIDENT_SENTENCE_END - 0.01) == []
+    assert after_pause(0.5, CONFIDENT_SENTENCE_END) == ["turn.eager_end"]
+    assert WORDS_COMPLETE == 0.75
+    det = TurnDetector(TurnParams())
+    run_detector(det, frames(1000, 0.95) + frames(100, 0.02), {})
+    det.turn_probability(det.pause, 0.5, CONFIDENT_SENTENCE_END)
+    assert run_detector(det, frames(950, 0.02), {}) == []
+    assert run_detector(det, frames(100, 0.02), {}) == ["turn.end"]
+    # Smart Turn sure the speaker goes on: the words do not overrule it.
+    assert after_pause(GOING_ON, 0.99) == []
+    # Sure on both counts: unchanged.
+    assert after_pause(0.95, 0.99) == ["turn.eager_end", "turn.end"]
 
 
 def test_detector_timeout_ends_a_turn_whatever_the_model_says() -> None:

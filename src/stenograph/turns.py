@@ -9,10 +9,13 @@ turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `t
   `turn.resume`) fires when speech has held above `start_threshold` for three frames.
 - While the user speaks, activity is 1.
 - Once they pause (three frames below the 0.5 speech line, ~100 ms), Smart Turn v3.2 scores the audio so far
-  once, giving `p_complete`, halved for the first second of the pause when the pause's own Whisper decode
-  does not end a sentence (Whisper's probability of `.`/`?`/`!` after the last word is below 0.25): read
-  speech often has falling, "final" intonation at commas, which Whisper does not take for a sentence end
-  (after a second, prosody alone decides). Activity then decays with the silence:
+  once, giving `p_complete`, which the words then weigh. The pause's own Whisper decode gives `q`, Whisper's
+  probability of `.`/`?`/`!` after the last word. Below 0.25 the words do not end a sentence and
+  `p_complete` is halved for the first second of the pause: read speech often has falling, "final"
+  intonation at commas, which Whisper does not take for a sentence end (after a second, prosody alone
+  decides). At 0.6 or more Whisper is sure the sentence ended, and unless Smart Turn is sure the speaker
+  goes on (`p_complete` <= 0.2), `p_complete` is raised to at least 0.75: Smart Turn, trained on
+  conversation, scores many finished read sentences 0.2-0.8. Activity then decays with the silence:
 
       activity = (1 - p_complete) * max(0, 1 - silence_ms / end_timeout_ms)
 
@@ -77,8 +80,13 @@ COVERAGE_SLACK = 0.6  # a tail decode whose last word ends this long before the 
 MAX_TAIL_SECONDS = 4.0  # pause decodes hear only the unsent tail (and its context) when it is this short
 CONTEXT_SECONDS = 0.6  # sent audio a tail decode hears before the unsent part, with its words as prefix
 # Whisper's probability of `.`/`?`/`!` after a pause decode's last word at or above which the words end a
-# sentence (see `Heard.sentence_ended`).
+# sentence (see `Heard.sentence_end`) ...
 SENTENCE_END_PROBABILITY = 0.25
+CONFIDENT_SENTENCE_END = 0.6  # ... and at or above which the words alone make the pause a likely turn end,
+GOING_ON = 0.2  # unless Smart Turn's p_complete is at most this (it hears the speaker going on);
+# p_complete is then at least this: with the default thresholds, `turn.eager_end` at once and `turn.end`
+# after 1.1 s of silence, since a clause that ends a sentence is often followed by more (see the README).
+WORDS_COMPLETE = 0.75
 FRAME_MS = FRAME * 1000 / SAMPLE_RATE
 
 START, UPDATE, EAGER_END, RESUME, END = (
@@ -188,7 +196,7 @@ class TurnDetector:
         self.silence = 0  # consecutive frames below the speech line
         self._recent: deque[float] = deque(maxlen=SUSTAIN_FRAMES)
         self._p_complete: float | None = None
-        self._sentence_ended = True
+        self._sentence_end = SENTENCE_END_PROBABILITY
 
     @property
     def state(self) -> TurnState:
@@ -215,15 +223,17 @@ class TurnDetector:
         actions: list[Action] = []
         if self.silence == PAUSE_FRAMES:
             self.pause += 1
-            self._p_complete, self._sentence_ended = None, True
+            self._p_complete, self._sentence_end = None, SENTENCE_END_PROBABILITY
             actions.append(CheckTurn(self.pause))
         return actions + self._judge()
 
-    def turn_probability(self, pause: int, p_complete: float, sentence_ended: bool = True) -> list[Action]:
-        """Smart Turn's score for `pause`, weighed by whether the transcript so far ends a sentence."""
+    def turn_probability(
+        self, pause: int, p_complete: float, sentence_end: float = SENTENCE_END_PROBABILITY
+    ) -> list[Action]:
+        """Smart Turn's score for `pause`, weighed by how likely the transcript so far ends a sentence."""
         if pause != self.pause or not self.paused:
             return []
-        self._p_complete, self._sentence_ended = p_complete, sentence_ended
+        self._p_complete, self._sentence_end = p_complete, sentence_end
         return self._judge()
 
     def finish(self) -> list[Action]:
@@ -241,10 +251,16 @@ class TurnDetector:
             return 1.0
         silence_ms = self.silence * FRAME_MS
         decay = max(0.0, 1.0 - silence_ms / self.params.end_timeout_ms)
-        p_complete = self._p_complete or 0.0
-        if not self._sentence_ended and self.silence < UNFINISHED_HOLD_FRAMES:
-            p_complete *= UNFINISHED_WEIGHT
-        return (1.0 - p_complete) * decay
+        return (1.0 - self._weighed_p_complete()) * decay
+
+    def _weighed_p_complete(self) -> float:
+        """Smart Turn's `p_complete` weighed by Whisper's sentence-end probability (module docstring)."""
+        p = self._p_complete or 0.0
+        if self._sentence_end < SENTENCE_END_PROBABILITY:
+            return p * UNFINISHED_WEIGHT if self.silence < UNFINISHED_HOLD_FRAMES else p
+        if self._sentence_end >= CONFIDENT_SENTENCE_END and p > GOING_ON:
+            return max(p, WORDS_COMPLETE)
+        return p
 
     def _judge(self) -> list[Action]:
         activity = self.activity()
@@ -322,15 +338,16 @@ class Heard:
     words: Timed
     end_probability: float | None = None  # Whisper's probability of a sentence end after the last word
 
-    def sentence_ended(self, text: str) -> bool:
-        """Do the words so far end a sentence? Whisper's own probability of a full stop after the last word,
-        when the decode has one, else the printed punctuation of `text` (the turn's transcript with these
-        words spliced on). A short window often ends without the full stop Whisper still rates likely there:
-        3 of the 20 benchmark sentences printed none at their real end, where the probability was 0.36-0.68;
-        at inserted mid-sentence pauses both checks let about as few through (4 against 3 of 60)."""
+    def sentence_end(self, text: str) -> float:
+        """How likely the words so far end a sentence: Whisper's own probability of a full stop after the
+        last word, when the decode has one. A short window often ends without the full stop Whisper still
+        rates likely there: 3 of the 20 benchmark sentences printed none at their real end, where the
+        probability was 0.36-0.68; at inserted mid-sentence pauses the probability and the printed
+        punctuation let about as few through (4 against 3 of 60). Without a probability, the printed
+        punctuation of `text` (the turn's transcript with these words spliced on) says ended, never sure."""
         if self.end_probability is None or not self.words:
-            return ends_sentence(text)
-        return self.end_probability >= SENTENCE_END_PROBABILITY
+            return SENTENCE_END_PROBABILITY if ends_sentence(text) else 0.0
+        return self.end_probability
 
 
 @dataclass
@@ -446,7 +463,7 @@ class TurnSession:
         except Exception as exc:
             raise ApiError(500, "internal_error", "Internal error", "transcription failed") from exc
         text = _text(self._splice(turn, turn.heard))
-        return self.detector.turn_probability(pause, await score, turn.heard.sentence_ended(text))
+        return self.detector.turn_probability(pause, await score, turn.heard.sentence_end(text))
 
     def _apply(self, actions: list[Action], upto: int) -> None:
         # A pause decode stands for the turn's audio only if nothing was said after it: the detector is
