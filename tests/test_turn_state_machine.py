@@ -223,6 +223,7 @@ class Frame:
 class Score:
     pause_delta: int  # 0: the current pause; < 0: an earlier one (stale)
     p: float
+    sentence_end: float  # Whisper's probability of a full stop after the words so far
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ ops = st.lists(
     st.one_of(
         st.builds(Frame, probability),
         st.builds(Frame, probability),  # frames are the common input
-        st.builds(Score, st.integers(-2, 0), st.floats(0, 1)),
+        st.builds(Score, st.integers(-2, 0), st.floats(0, 1), probability),
         st.builds(Configure, valid_params),
         st.just(Finish()),
     ),
@@ -266,7 +267,7 @@ def test_detector_never_leaves_spec_order_with_fake_model_scores(params: TurnPar
         if isinstance(op, Frame):
             actions = det.frame(op.prob)
         elif isinstance(op, Score):
-            actions = det.turn_probability(det.pause + op.pause_delta, op.p)
+            actions = det.turn_probability(det.pause + op.pause_delta, op.p, op.sentence_end)
         elif isinstance(op, Configure):
             actions = det.configure(op.params)
         else:
