@@ -518,6 +518,12 @@ def test_extend_sent_keeps_sent_words_verbatim() -> None:
     assert words(extend_sent(sent, 30, tail, first=1)) == [*words(sent), "like", "to"], (
         "said again: new words"
     )
+    # The forced prefix's last word transcribed a second time over its own audio (seen live: "than
+    # apprehension. apprehension."): not a new word.
+    tail = [("to.", 20, 22), ("to.", 22, 31)]
+    assert extend_sent(sent, 30, tail, first=2) == sent
+    tail = [("to", 20, 29), ("to", 31, 38)]
+    assert extend_sent(sent, 30, tail, first=2) == [*sent, ("to", 31, 38)], "'to to' said twice is kept"
     # Words sent since the decode was made are not taken twice.
     later = [*sent, ("book", 30, 40)]
     assert extend_sent(later, 40, [*tail[:2], ("book", 30, 40), ("a", 40, 45)], first=1) == [

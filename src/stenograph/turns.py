@@ -680,16 +680,17 @@ def extend_sent(sent: Timed, sent_end: int, decoded: Timed, first: int = 0) -> T
     tail decode with context); more words may have been sent since it was made. When it agrees with the
     sent words from `first` on (ignoring case and punctuation) the rest follows by position; otherwise
     (heard differently, or split into words another way) the words centred after the last sent word's end
-    are the continuation.
+    are the continuation. Either way, the last sent word heard again where it was said is not a new word: cut
+    short by the end of its window then and heard whole now, or said once more after a forced prefix that
+    already holds it (Whisper sometimes transcribes the prefix's last word a second time).
     """
     opening = [_plain(w) for w, _, _ in sent[first:]]
     if [_plain(w) for w, _, _ in decoded[: len(opening)]] == opening:
         rest = decoded[len(opening) :]
     else:
         rest = [d for d in decoded if (d[1] + d[2]) / 2 > sent_end]
-        # The last sent word, cut short by the end of its window then, heard whole now: not a new word.
-        if rest and sent and _plain(rest[0][0]) == _plain(sent[-1][0]) and rest[0][1] < sent_end:
-            rest = rest[1:]
+    if rest and sent and _plain(rest[0][0]) == _plain(sent[-1][0]) and rest[0][1] < sent_end:
+        rest = rest[1:]
     return [*sent, *rest]
 
 
