@@ -20,6 +20,7 @@ from stenograph.asr import Transcription, Word
 from stenograph.errors import ApiError
 from stenograph.scheduler import JobSkipped
 from stenograph.turns import (
+    BOTH_COMPLETE,
     CONFIDENT_SENTENCE_END,
     FRAME_MS,
     GOING_ON,
@@ -184,6 +185,10 @@ def test_detector_lets_a_sure_sentence_end_speak_for_an_unsure_smart_turn() -> N
     det.turn_probability(det.pause, 0.5, CONFIDENT_SENTENCE_END)
     assert run_detector(det, frames(950, 0.02), {}) == []
     assert run_detector(det, frames(100, 0.02), {}) == ["turn.end"]
+    # Smart Turn leaning to "complete" (above 0.5) and Whisper sure: the end at once.
+    assert after_pause(0.51, CONFIDENT_SENTENCE_END) == ["turn.eager_end", "turn.end"]
+    assert after_pause(0.51, CONFIDENT_SENTENCE_END - 0.01) == []
+    assert WORDS_COMPLETE < 1 - TurnParams().end_threshold < BOTH_COMPLETE
     # Smart Turn sure the speaker goes on: the words do not overrule it.
     assert after_pause(GOING_ON, 0.99) == []
     # Sure on both counts: unchanged.

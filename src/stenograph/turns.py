@@ -14,8 +14,9 @@ turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `t
   `p_complete` is halved for the first second of the pause: read speech often has falling, "final"
   intonation at commas, which Whisper does not take for a sentence end (after a second, prosody alone
   decides). At 0.6 or more Whisper is sure the sentence ended, and unless Smart Turn is sure the speaker
-  goes on (`p_complete` <= 0.2), `p_complete` is raised to at least 0.75: Smart Turn, trained on
-  conversation, scores many finished read sentences 0.2-0.8. Activity then decays with the silence:
+  goes on (`p_complete` <= 0.2), `p_complete` is raised to at least 0.75, or 0.85 when it is above 0.5:
+  Smart Turn, trained on conversation, scores many finished read sentences 0.2-0.8. Activity then decays
+  with the silence:
 
       activity = (1 - p_complete) * max(0, 1 - silence_ms / end_timeout_ms)
 
@@ -82,11 +83,14 @@ CONTEXT_SECONDS = 0.6  # sent audio a tail decode hears before the unsent part, 
 # Whisper's probability of `.`/`?`/`!` after a pause decode's last word at or above which the words end a
 # sentence (see `Heard.sentence_end`) ...
 SENTENCE_END_PROBABILITY = 0.25
-CONFIDENT_SENTENCE_END = 0.6  # ... and at or above which the words alone make the pause a likely turn end,
-GOING_ON = 0.2  # unless Smart Turn's p_complete is at most this (it hears the speaker going on);
-# p_complete is then at least this: with the default thresholds, `turn.eager_end` at once and `turn.end`
-# after 1.1 s of silence, since a clause that ends a sentence is often followed by more (see the README).
+CONFIDENT_SENTENCE_END = 0.6  # ... and at or above which the words make the pause a likely turn end,
+GOING_ON = 0.2  # unless Smart Turn's p_complete is at most this (it hears the speaker going on):
+# p_complete is then at least WORDS_COMPLETE (with the default thresholds, `turn.eager_end` at once and
+# `turn.end` after 1.1 s of silence, since a clause that ends a sentence is often followed by more), and at
+# least BOTH_COMPLETE (`turn.end` at once) when Smart Turn leans to "complete" too (see the README).
 WORDS_COMPLETE = 0.75
+BOTH_COMPLETE = 0.85
+LEANS_COMPLETE = 0.5
 FRAME_MS = FRAME * 1000 / SAMPLE_RATE
 
 START, UPDATE, EAGER_END, RESUME, END = (
@@ -259,7 +263,7 @@ class TurnDetector:
         if self._sentence_end < SENTENCE_END_PROBABILITY:
             return p * UNFINISHED_WEIGHT if self.silence < UNFINISHED_HOLD_FRAMES else p
         if self._sentence_end >= CONFIDENT_SENTENCE_END and p > GOING_ON:
-            return max(p, WORDS_COMPLETE)
+            return max(p, BOTH_COMPLETE if p > LEANS_COMPLETE else WORDS_COMPLETE)
         return p
 
     def _judge(self) -> list[Action]:
