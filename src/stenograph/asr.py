@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
-from faster_whisper.transcribe import Segment, get_compression_ratio, get_suppressed_tokens
+from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
 
 from stenograph.config import Settings
 from stenograph.errors import ApiError, model_not_found
@@ -145,7 +146,8 @@ class Recognizer:
         first = next(iter(segments), None)  # the generator decodes lazily: later windows never run
         if first is None:
             return Transcription("", [])
-        return Transcription(first.text, _words([first], offset))
+        aligned = ((w.word, w.start, w.end) for w in first.words or ())
+        return Transcription(first.text, _words(aligned, offset))
 
     def decode_utterance(
         self,
@@ -237,11 +239,7 @@ class Recognizer:
             )
             if segment["start"] == segment["end"]:  # words aligned to no audio at all: nothing was heard
                 return Transcription("", [])
-            words = [
-                Word(w["word"].strip(), offset + w["start"], offset + w["end"])
-                for w in segment["words"]
-                if w["word"].strip()
-            ]
+            words = _words(((w["word"], w["start"], w["end"]) for w in segment["words"]), offset)
         end = _end_probability(tokenizer, tokens, result.logits[0]) if request.end_probability else None
         return Transcription(text, words, get_compression_ratio(text.strip()), end)
 
@@ -274,13 +272,9 @@ def _end_probability(tokenizer: Tokenizer, tokens: list[int], logits: list[ctran
     return float(p[ids].sum() / p.sum())
 
 
-def _words(segments: list[Segment], offset: float) -> list[Word]:
-    return [
-        Word(w.word.strip(), offset + w.start, offset + w.end)
-        for seg in segments
-        for w in seg.words or ()
-        if w.word.strip()
-    ]
+def _words(aligned: Iterable[tuple[str, float, float]], offset: float) -> list[Word]:
+    """faster-whisper's aligned (word, start, end), shifted into the caller's audio; blank words dropped."""
+    return [Word(word.strip(), offset + start, offset + end) for word, start, end in aligned if word.strip()]
 
 
 def _looks_degenerate(result: Transcription, seconds: float) -> bool:
