@@ -4,9 +4,9 @@ The server runs as a subprocess with default settings. Word timestamps for every
 batch API (`POST /stt`, word granularity). Measured:
 
 - Latency: complete LibriSpeech sentences, each with its natural ending and then 6 s of silence, streamed
-  in real time in 100 ms chunks, as a microphone would deliver them (a chunk leaves when its last sample has
-  been recorded). Latency is from the end of speech (`end_of_speech`) to the arrival of the turn's
-  `turn.end`, and of its first `turn.eager_end` when there is one.
+  in real time in 100 ms chunks (`--chunk-ms`), as a microphone would deliver them (a chunk leaves when its
+  last sample has been recorded). Latency is from the end of speech (`end_of_speech`) to the arrival of
+  the turn's `turn.end`, and of its first `turn.eager_end` when there is one.
 - False cut-offs: the same sentences with a 300-800 ms pause inserted at a word boundary in the middle
   (`--pauses` per sentence, at different places). A cut-off is a session with more turns than the same
   sentence without the pause. Turn decisions follow the audio, not the clock, so these sessions are sent as
@@ -50,7 +50,7 @@ from batch import API_KEY, Server, machine
 ROOT = Path(__file__).resolve().parent.parent
 EVAL = Path(os.environ.get("STENOGRAPH_EVAL_DIR", ROOT.parent / "shared" / "eval"))
 STREAM = {"model": "ink-2", "encoding": "pcm_s16le", "sample_rate": SAMPLE_RATE}
-CHUNK = 0.1
+CHUNK = 0.1  # seconds of audio per message, as a microphone buffer delivers them (`--chunk-ms`)
 LEAD_SILENCE = 0.3
 TAIL_SILENCE = 6.0  # longer than the default end timeout's decay (0.8 x 5.6 s)
 BASELINE_SILENCE_MS = (300, 500, 800)
@@ -90,7 +90,7 @@ def word_times(server: Server, clip: Clip) -> list[tuple[float, float]]:
 
 
 async def run_session(
-    base_url: str, audio: np.ndarray, realtime: bool
+    base_url: str, audio: np.ndarray, realtime: bool, chunk: float = CHUNK
 ) -> tuple[list[tuple[float, dict]], float]:
     """Stream `audio` then `close`; returns (arrival time, event) pairs and the wall time of audio time 0."""
     ws = await connect(base_url, "/stt/turns/websocket", api_key=API_KEY, **STREAM)
@@ -101,12 +101,12 @@ async def run_session(
             events.append((time.monotonic(), json.loads(raw)))
 
     receiver = asyncio.ensure_future(receive())
-    step = int(CHUNK * SAMPLE_RATE)
+    step = int(chunk * SAMPLE_RATE)
     pieces = [to_wire(audio[i : i + step], "pcm_s16le", SAMPLE_RATE) for i in range(0, audio.size, step)]
-    # `pace` sends chunk i at start + i * CHUNK; a microphone sends it once recorded, CHUNK later. So the
-    # microphone's clock for audio time t reads start - CHUNK + t.
-    origin = time.monotonic() - CHUNK
-    async for piece in pace(pieces, CHUNK, realtime):
+    # `pace` sends chunk i at start + i * chunk; a microphone sends it once recorded, a chunk later. So the
+    # microphone's clock for audio time t reads start - chunk + t.
+    origin = time.monotonic() - chunk
+    async for piece in pace(pieces, chunk, realtime):
         await ws.send(piece)
     await ws.send(json.dumps({"type": "close"}))
     await receiver
@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--pauses", type=int, default=3, help="pause sessions per sentence")
     parser.add_argument("--ending", choices=("natural", "trimmed"), default="natural")
+    parser.add_argument("--chunk-ms", type=int, default=int(CHUNK * 1000), help="audio per message")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "turns.json"))
     args = parser.parse_args()
     clips = [
@@ -236,7 +237,9 @@ def main() -> None:
                 speech_end = words[-1][1]
                 sentence = audio[: int((speech_end + 0.05) * SAMPLE_RATE)]
             full = np.concatenate([silence(LEAD_SILENCE), sentence, silence(TAIL_SILENCE)])
-            events, origin = asyncio.run(run_session(base_url(server), full, realtime=True))
+            events, origin = asyncio.run(
+                run_session(base_url(server), full, realtime=True, chunk=args.chunk_ms / 1000)
+            )
             end_wall = origin + LEAD_SILENCE + speech_end
             ends = [at - end_wall for at, e in events if e["type"] == "turn.end"]
             eagers = [at - end_wall for at, e in events if e["type"] == "turn.eager_end" and at >= end_wall]
@@ -297,6 +300,7 @@ def main() -> None:
         "settings": "defaults: whisper-base int8 (ink-2), turn.update decodes on whisper-tiny.en, "
         "2 workers x 1 thread, turn 0.8/0.4/0.2/5600",
         "ending": args.ending,
+        "chunk_ms": args.chunk_ms,
         "targets": TARGETS,
         "summary": summary,
         "latency_sessions": [asdict(s) for s in latency],

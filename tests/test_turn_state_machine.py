@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from stenograph.asr import Transcription, Word
 from stenograph.errors import ApiError
-from stenograph.scheduler import JobSkipped
+from stenograph.scheduler import JobSkipped, Priority
 from stenograph.turns import (
     BOTH_COMPLETE,
     CONFIDENT_SENTENCE_END,
@@ -349,11 +349,27 @@ class FakeScheduler:
         return 0
 
 
-def fake_engine() -> SimpleNamespace:
+class RecordingScheduler(FakeScheduler):
+    """Notes, for every job a worker starts, its priority and how many silent frames the session had seen."""
+
+    def __init__(self) -> None:
+        self.session: TurnSession | None = None
+        self.started: list[tuple[Priority, int]] = []
+
+    async def run(self, fn, priority, stale=None):
+        await asyncio.sleep(0)
+        if stale is not None and stale():
+            raise JobSkipped
+        assert self.session is not None
+        self.started.append((priority, self.session.detector.silence))
+        return fn()
+
+
+def fake_engine(scheduler: FakeScheduler | None = None) -> SimpleNamespace:
     return SimpleNamespace(
         vad=SimpleNamespace(stream=FakeVadStream),
         smart_turn=FakeSmartTurn(),
-        scheduler=FakeScheduler(),
+        scheduler=scheduler or FakeScheduler(),
         settings=SimpleNamespace(workers=2),
     )
 
@@ -387,10 +403,12 @@ def encode_float(samples: np.ndarray) -> bytes:
 
 
 async def run_session(
-    audio: np.ndarray, chunk: int, configs: list[dict[str, float]]
+    audio: np.ndarray, chunk: int, configs: list[dict[str, float]], scheduler: FakeScheduler | None = None
 ) -> list[tuple[str, str | None]]:
     config = TurnConfig("ink-2", "pcm_f32le", 16000, TurnParams(end_timeout_ms=1000), update_interval=0.3)
-    session = TurnSession(fake_engine(), FakeRecognizer(), config)  # type: ignore[arg-type]
+    session = TurnSession(fake_engine(scheduler), FakeRecognizer(), config)  # type: ignore[arg-type]
+    if isinstance(scheduler, RecordingScheduler):
+        scheduler.session = session
     events: list[tuple[str, str | None]] = []
 
     async def drain() -> None:
@@ -500,6 +518,24 @@ def test_session_with_fake_models_same_turns_whatever_the_chunking() -> None:
         *("turn.start", "turn.end"),  # close ends the open turn
     ]
     assert kinds[160] == kinds[1600] == kinds[16000], "decisions follow the audio, not how it was chunked"
+
+
+def test_session_with_fake_models_starts_no_update_while_the_speaker_is_silent() -> None:
+    """A silent frame may begin a pause, whose decode is what `turn.end` waits for: an update decode begun
+    then would share the CPU with it. Speech with one- and two-frame dips (never a pause) puts update times
+    on silent frames; updates still run, but only while the speaker is heard."""
+    script = [(0.0, 0.0, 10)]
+    for n in range(7, 17):
+        script += [(0.99, 0.0, n), (0.0, 0.0, 1 + n % 2)]
+    script += [(0.99, 0.0, 10), (0.0, 0.95, 40)]
+    for chunk in (160, 512, 1600):
+        scheduler = RecordingScheduler()
+        events = asyncio.run(run_session(fake_audio(script), chunk, [], scheduler))
+        updates = [silence for priority, silence in scheduler.started if priority is Priority.INTERIM]
+        assert len(updates) >= 5, f"updates still run during speech: {scheduler.started}"
+        assert set(updates) == {0}, f"an update started while the speaker was silent: {scheduler.started}"
+        assert [k for k, _ in events if k != "turn.update"] == ["turn.start", "turn.eager_end", "turn.end"]
+        check_fake_words(events)
 
 
 def test_extend_sent_keeps_sent_words_verbatim() -> None:
