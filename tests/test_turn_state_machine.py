@@ -357,12 +357,12 @@ class RecordingScheduler(FakeScheduler):
         self.started: list[tuple[Priority, int]] = []
 
     async def run(self, fn, priority, stale=None):
-        await asyncio.sleep(0)
-        if stale is not None and stale():
-            raise JobSkipped
-        assert self.session is not None
-        self.started.append((priority, self.session.detector.silence))
-        return fn()
+        def noted():
+            assert self.session is not None
+            self.started.append((priority, self.session.detector.silence))
+            return fn()
+
+        return await super().run(noted, priority, stale)
 
 
 def fake_engine(scheduler: FakeScheduler | None = None) -> SimpleNamespace:
