@@ -361,7 +361,8 @@ class Engine:
         """Load (and hash-check) models up front so the first request doesn't pay for it."""
         _ = self.vad
         _ = self.smart_turn
-        for model_id in [*model_ids, self.settings.stream_interim_model, self.settings.turn_update_model]:
+        s = self.settings
+        for model_id in [*model_ids, s.stream_interim_model, s.turn_update_model, s.turn_pause_model]:
             if model_id:
                 self.recognizer(model_id)
 

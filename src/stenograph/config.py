@@ -92,9 +92,12 @@ class Settings:
     turn_end_threshold: float = 0.2
     turn_end_timeout_ms: float = 5600.0
     turn_update_interval: float = 1.0  # seconds of new speech between turn.update decodes
-    # `turn.update` decodes use this smaller English model (empty: the session's own model); the decode at
-    # each pause, whose words and sentence-end probability decide `turn.eager_end`/`turn.end`, never does.
+    # `turn.update` decodes use this smaller English model (empty: the session's own model) ...
     turn_update_model: str = "whisper-tiny.en"
+    # ... and the decode at each pause, whose words end the turn and whose sentence-end probability decides
+    # `turn.eager_end`/`turn.end`, this one. It is what the latency waits for: on a CPU whisper-tiny.en takes
+    # half of base's time, but costs WER on harder audio (see the README).
+    turn_pause_model: str = ""
     turn_threads: int = 1  # onnxruntime intra-op threads per Smart Turn call
 
     @classmethod

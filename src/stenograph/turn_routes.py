@@ -104,8 +104,10 @@ class TurnStream(StreamEndpoint):
     def open_session(self, params: QueryParams) -> TurnSession:
         engine = self.engine
         config = parse_turn_config(engine, params, params.getlist("keyterm"))
-        updates = engine.interim_recognizer(config.model_id, "en", engine.settings.turn_update_model)
-        return TurnSession(engine, engine.recognizer(config.model_id), config, updates)
+        settings = engine.settings
+        pauses = engine.interim_recognizer(config.model_id, "en", settings.turn_pause_model)
+        updates = engine.interim_recognizer(config.model_id, "en", settings.turn_update_model)
+        return TurnSession(engine, pauses, config, updates)
 
     async def on_open(self, ws: WebSocket, request_id: str) -> None:
         await send_json(ws, protocol.simple_event("connected", request_id))
