@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stenograph.asr import Transcription, Word
-from stenograph.audio import read_file
 from stenograph.errors import ApiError
 from stenograph.scheduler import JobSkipped, Priority
 from stenograph.turns import (
@@ -41,8 +40,7 @@ from stenograph.turns import (
     ends_sentence,
     extend_sent,
 )
-from stenograph.vad import FRAME, SileroVad
-from tests.conftest import MODEL_DIR, pick
+from stenograph.vad import FRAME
 
 # Spec 3.4, verbatim: Idle -turn.start-> Speaking; Speaking -turn.eager_end-> EagerEnded;
 # Speaking -turn.end-> Idle; EagerEnded -turn.resume-> Speaking; EagerEnded -turn.end-> Idle.
@@ -341,11 +339,8 @@ class FakeRecognizer:
 
 
 class FakeScheduler:
-    waits = 1  # event-loop turns before a worker takes a job
-
     async def run(self, fn, priority, stale=None):
-        for _ in range(self.waits):
-            await asyncio.sleep(0)  # let other coroutines interleave, as a real worker thread would
+        await asyncio.sleep(0)  # let other coroutines interleave, as a real worker thread would
         if stale is not None and stale():
             raise JobSkipped
         return fn()
@@ -408,16 +403,10 @@ def encode_float(samples: np.ndarray) -> bytes:
 
 
 async def run_session(
-    audio: np.ndarray,
-    chunk: int,
-    configs: list[dict[str, float]],
-    scheduler: FakeScheduler | None = None,
-    engine: SimpleNamespace | None = None,
-    recognizer: object | None = None,
+    audio: np.ndarray, chunk: int, configs: list[dict[str, float]], scheduler: FakeScheduler | None = None
 ) -> list[tuple[str, str | None]]:
     config = TurnConfig("ink-2", "pcm_f32le", 16000, TurnParams(end_timeout_ms=1000), update_interval=0.3)
-    engine = engine or fake_engine(scheduler)
-    session = TurnSession(engine, recognizer or FakeRecognizer(), config)  # type: ignore[arg-type]
+    session = TurnSession(fake_engine(scheduler), FakeRecognizer(), config)  # type: ignore[arg-type]
     if isinstance(scheduler, RecordingScheduler):
         scheduler.session = session
     events: list[tuple[str, str | None]] = []
@@ -547,49 +536,6 @@ def test_session_with_fake_models_starts_no_update_while_the_speaker_is_silent()
         assert set(updates) == {0}, f"an update started while the speaker was silent: {scheduler.started}"
         assert [k for k, _ in events if k != "turn.update"] == ["turn.start", "turn.eager_end", "turn.end"]
         check_fake_words(events)
-
-
-class SentenceRecognizer:
-    """Hears "the end." across whatever audio it gets: a finished sentence, for the real-VAD tests."""
-
-    def decode_utterance(self, audio, *_, **__):
-        seconds = audio.size / 16000
-        words = [Word("the", 0.0, seconds / 2), Word("end.", seconds / 2, seconds)]
-        return Transcription(" the end.", words)
-
-
-@pytest.mark.parametrize("waits", [1, 40], ids=["idle", "busy"])
-@pytest.mark.parametrize("noise", [0.0, 0.2], ids=["quiet", "noisy"])
-def test_session_with_fake_recognizer_decodes_the_pause_before_silero_hears_it(
-    clips, noise: float, waits: int
-) -> None:
-    """Silero's first silent frame comes 30-130 ms after the voice stops, often in the next 100 ms message:
-    a message that ends quiet starts the pause decode at once, and the pause keeps it. Real speech and the
-    real Silero VAD decide when; the recognizer is a fake, since its words are not under test. In steady
-    noise at a fifth of the voice's level (Silero still finds the speech and the pause), nothing is quiet,
-    so every pause decode waits for Silero's first silent frame. With busy workers, the pause is confirmed
-    before a worker takes its decode."""
-    clip = pick(clips, "librispeech_test_clean", 1, max_duration=9.0)[0]
-    audio = np.concatenate(
-        [np.zeros(4800, np.float32), read_file(str(clip.path)), np.zeros(24000, np.float32)]
-    )
-    level = float(np.percentile(np.abs(audio), 90))
-    audio += (noise * level * np.random.default_rng(0).standard_normal(audio.size)).astype(np.float32)
-    scheduler = RecordingScheduler()
-    scheduler.waits = waits
-    engine = SimpleNamespace(
-        vad=SileroVad(MODEL_DIR / "silero_vad.onnx"),
-        smart_turn=SimpleNamespace(probability=lambda audio: 0.95),
-        scheduler=scheduler,
-        settings=SimpleNamespace(workers=2),
-    )
-    events = asyncio.run(run_session(audio, 1600, [], scheduler, engine, SentenceRecognizer()))
-    assert [k for k, _ in events if k != "turn.update"] == ["turn.start", "turn.eager_end", "turn.end"]
-    finals = [silence for priority, silence in scheduler.started if priority is Priority.FINAL]
-    if noise:
-        assert finals and min(finals) >= 1, f"a decode began before Silero's pause: {scheduler.started}"
-    elif waits == 1:
-        assert finals[-1] == 0, f"the pause decode waited for Silero: {scheduler.started}"
 
 
 def test_extend_sent_keeps_sent_words_verbatim() -> None:

@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 import websockets
 from cartesia import AsyncCartesia
+from starlette.datastructures import QueryParams
 
+from stenograph.asr import Engine
 from stenograph.audio import encode_pcm, read_file
+from stenograph.config import Settings
+from stenograph.turn_routes import TurnStream
 from stenograph.turns import TurnStateMachine
 from stenograph.vad import SileroVad, speech_regions
 from stenograph.wer import corpus_wer
@@ -226,3 +230,15 @@ def test_stray_finalize_and_bad_config_get_errors_and_the_session_goes_on(server
     assert kinds[:4] == ["connected", "error", "error", "error"], kinds
     assert kinds[-1] == "turn.end" and code == 1000
     assert corpus_wer([(clip.text, events[-1]["transcript"])]) < 0.2
+
+
+@pytest.mark.parametrize(
+    ("pause_model", "expected"), [("", "whisper-base"), ("whisper-tiny.en", "whisper-tiny.en")]
+)
+def test_pause_decodes_use_the_configured_model(pause_model: str, expected: str) -> None:
+    """`STENOGRAPH_TURN_PAUSE_MODEL` picks the model of the decode that ends a turn; empty: the session's."""
+    settings = Settings(model_dir=MODEL_DIR, turn_pause_model=pause_model)
+    stream = TurnStream(Engine(settings), None, None, None)  # type: ignore[arg-type]
+    session = stream.open_session(QueryParams("model=ink-2&encoding=pcm_s16le&sample_rate=16000"))
+    assert session.recognizer.spec.name == expected
+    assert session.update_recognizer.spec.name == "whisper-tiny.en"

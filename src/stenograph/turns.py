@@ -9,14 +9,14 @@ turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `t
   `turn.resume`) fires when speech has held above `start_threshold` for three frames.
 - While the user speaks, activity is 1.
 - Once they pause (three frames below the 0.5 speech line, ~100 ms), Smart Turn v3.2 scores the audio so far
-  once, giving `p_complete`, which the words then weigh. The pause's own Whisper
-  decode gives `q`, Whisper's probability of `.`/`?`/`!` after the last word. Below 0.25 the words do not
-  end a sentence and `p_complete` is halved for the first second of the pause: read speech often has
-  falling, "final" intonation at commas, which Whisper does not take for a sentence end (after a second,
-  prosody alone decides). At 0.6 or more Whisper is sure the sentence ended, and unless Smart Turn is sure
-  the speaker goes on (`p_complete` <= 0.2), `p_complete` is raised to at least 0.75, or 0.85 when it is
-  above 0.5: Smart Turn, trained on conversation, scores many finished read sentences 0.2-0.8. Activity then
-  decays with the silence:
+  once, giving `p_complete`, which the words then weigh. The pause's own Whisper decode gives `q`, Whisper's
+  probability of `.`/`?`/`!` after the last word. Below 0.25 the words do not end a sentence and
+  `p_complete` is halved for the first second of the pause: read speech often has falling, "final"
+  intonation at commas, which Whisper does not take for a sentence end (after a second, prosody alone
+  decides). At 0.6 or more Whisper is sure the sentence ended, and unless Smart Turn is sure the speaker
+  goes on (`p_complete` <= 0.2), `p_complete` is raised to at least 0.75, or 0.85 when it is above 0.5:
+  Smart Turn, trained on conversation, scores many finished read sentences 0.2-0.8. Activity then decays
+  with the silence:
 
       activity = (1 - p_complete) * max(0, 1 - silence_ms / end_timeout_ms)
 
@@ -27,22 +27,20 @@ turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `t
   pause (and the decay); after an eager end that is `turn.resume`.
 
 **The pause decode starts early and hears only the tail.** `turn.eager_end` and `turn.end` carry the
-transcript, so they wait for the pause's decode. It is begun at the pause's first silent frame (two frames
-before the pause is confirmed; skipped if speech resumes before a worker takes it), or earlier: Silero's
-verdict lags the voice by 30-130 ms, so a message that ends in quiet audio while Silero still hears speech
-starts the decode at once, on the window the pause's first silent frame would choose, 40 ms into the quiet
-(`_window`, `_anticipate`). When the unsent tail is short, the decode hears only that tail plus 0.6 s of
-context whose sent words are forced as Whisper's prefix (see `_hear`). The frequent `turn.update` decodes may
-use a smaller model (`update_recognizer`), and so may the pause decodes (`recognizer`, the session's model by
-default: on a CPU tiny.en halves the latency's largest part but costs WER on harder audio; see the README). No
-update decode starts while the speaker is silent: it would share the CPU with the pause decode (sessions of
-the 20 benchmark sentences, interleaved with and without: `turn.end` p50 420 against 451 ms).
+transcript, so they wait for the pause's decode: it is begun at the pause's first silent frame (two frames
+before the pause is confirmed; skipped if speech resumes before a worker takes it) and, when the unsent tail
+is short, decodes only that tail plus 0.6 s of context whose sent words are forced as Whisper's prefix (see
+`_hear`). The frequent `turn.update` decodes may use a smaller model (`update_recognizer`); the pause decode
+uses the session's model unless configured otherwise (`recognizer`), since its words end the turn and its
+full-stop probability judges the sentence end (tiny.en there halves the wait on a CPU but costs WER on harder
+audio; see the README). No update decode starts while the speaker is silent: it would share the CPU with the
+pause decode (sessions of the 20 benchmark sentences, interleaved with and without: `turn.end` p50 420 against
+451 ms).
 
 **Decisions follow the audio, not the clock.** Every decision is made while ingesting a frame, and a pause's
 Smart Turn score and decode are awaited before the next frame is looked at, so the same audio gives the same
-turns whether it arrives in real time or ten times faster (where a pause decode's window ends is found on
-the audio too; only when the decode starts depends on message boundaries and idle workers). `TurnDetector`
-holds that logic, pure and synchronous; `TurnSession` feeds it and does the decoding.
+turns whether it arrives in real time or ten times faster. `TurnDetector` holds that logic, pure and
+synchronous; `TurnSession` feeds it and does the decoding.
 
 **Transcripts are never revised.** Within a turn, text goes out only once it is stable: the words on which two
 successive decodes agree, less the last one. Later decodes keep the sent words verbatim and contribute only
@@ -98,13 +96,6 @@ WORDS_COMPLETE = 0.75
 BOTH_COMPLETE = 0.85
 LEANS_COMPLETE = 0.5
 FRAME_MS = FRAME * 1000 / SAMPLE_RATE
-# 10 ms of audio below QUIET_RATIO of the voice's level (the 90th percentile of the last LOUDNESS_FRAMES
-# speech frames; 0.05 is 26 dB down, below a fricative) is quiet ...
-QUIET_RATIO = 0.05
-LOUDNESS_FRAMES = 100
-QUIET_HOP = SAMPLE_RATE // 100
-QUIET_TAIL = 4 * QUIET_HOP  # ... and a pause decode's window ends 40 ms into the quiet before a pause,
-QUIET_LOOKBACK = 50 * QUIET_HOP  # which it looks for this far back
 
 START, UPDATE, EAGER_END, RESUME, END = (
     "turn.start",
@@ -369,31 +360,12 @@ class Heard:
 
 @dataclass
 class _Early:
-    """The decode for a pause that may be starting, begun before the pause is confirmed, since
-    `turn.eager_end` / `turn.end` wait for it: at the pause's first silent frame (then `taken`), or earlier,
-    when a message ended in quiet (see `_anticipate`). It hears the audio up to `upto`."""
+    """The decode for a pause that may be starting: begun at its first silent frame, ~100 ms before the
+    pause is confirmed, since that decode is what `turn.eager_end` / `turn.end` wait for."""
 
     turn: _Turn
     pause: int
-    upto: int
     task: asyncio.Future[Heard]
-    taken: bool = False
-
-
-class _Loudness:
-    """How loud the voice is (the RMS of recent speech frames), to tell it from quiet audio."""
-
-    def __init__(self) -> None:
-        self._levels: deque[float] = deque(maxlen=LOUDNESS_FRAMES)
-
-    def hear(self, frame: np.ndarray) -> None:
-        self._levels.append(float(np.sqrt(np.mean(frame**2))))
-
-    def line(self) -> float | None:
-        """The level below which audio is quiet; None until enough speech was heard to say."""
-        if len(self._levels) < LOUDNESS_FRAMES // 10:
-            return None
-        return float(np.percentile(self._levels, 90)) * QUIET_RATIO
 
 
 class TurnSession:
@@ -427,7 +399,6 @@ class TurnSession:
         self._last_update_at = 0
         self._update_pending = False
         self._early: _Early | None = None
-        self._loudness = _Loudness()
         self._last_speech = 0  # absolute sample index after the last speech frame
         self._said_anything = False  # has any turn.end carried text (output side)?
         self._last_speech_at = time.monotonic()
@@ -458,8 +429,6 @@ class TurnSession:
             if prob >= SPEECH_THRESHOLD:
                 self._last_speech_at = time.monotonic()
                 self._last_speech = self._framed
-                if self._turn is not None:
-                    self._loudness.hear(self._slice(self._framed - FRAME, self._framed))
             pending = deque(self.detector.frame(float(prob)))
             if self.detector.silence == 1 and self._turn is not None:
                 self._begin_early(self._turn)
@@ -470,90 +439,33 @@ class TurnSession:
                 else:
                     self._apply([action], self._framed)
             self._maybe_update()
-        if self._turn is not None and self.detector.silence == 0:
-            self._anticipate(self._turn)
         self._trim()
 
-    def _window(self, at: int) -> tuple[int, int]:
-        """Where a pause decode made at `at` ends, and where the speech in it ends. When the audio before
-        `at` has gone quiet for at least 40 ms (on the absolute 10 ms grid, so the answer depends on the
-        audio, not on where messages begin), the voice stopped there, ahead of Silero's verdict: the window
-        ends 40 ms into the quiet. Else it ends at `at`."""
-        line = self._loudness.line()
-        last = at // QUIET_HOP * QUIET_HOP
-        first = -(-max(self._buf_start, last - QUIET_LOOKBACK) // QUIET_HOP) * QUIET_HOP
-        if line is not None and last > first:
-            loud = np.flatnonzero(_levels(self._slice(first, last)) >= line)
-            if loud.size:
-                quiet_from = first + int(loud[-1] + 1) * QUIET_HOP
-                if last - quiet_from >= QUIET_TAIL:
-                    return quiet_from + QUIET_TAIL, quiet_from
-        return at, min(at, self._last_speech)
-
-    def _anticipate(self, turn: _Turn) -> None:
-        """A message that ends in quiet audio while Silero still hears speech may hold the end of the
-        speech: Silero's verdict lags the voice by 30-130 ms, and the message with its first silent frame
-        often arrives 100 ms later. So the pause decode starts now, on the window that frame would choose
-        (`_window`), and that frame keeps it if it still chooses the same window (`_begin_early`). Only on
-        idle workers: about one message a second of speech ends quiet."""
-        now = self._buf_start + self._buffered
-        end, speech_end = self._window(now)
-        if end == now or self.detector.state is not TurnState.SPEAKING or self._covered(turn, end):
-            return
-        if self.engine.scheduler.depth_at_or_above(Priority.INTERIM) >= self.engine.settings.workers:
-            return
-        self._early = self._pause_work(turn, self.detector.pause + 1, end, speech_end, early=True)
-
-    def _covered(self, turn: _Turn, end: int) -> bool:
-        """Is the pending pause decode this turn's next pause's, with its window ending at `end`?"""
-        early = self._early
-        return (
-            early is not None
-            and early.turn is turn
-            and early.pause == self.detector.pause + 1
-            and early.upto == end
-        )
-
     def _begin_early(self, turn: _Turn) -> None:
-        """At the first silent frame of what may be a pause (confirmed PAUSE_FRAMES later), start its decode,
-        unless an anticipated one has the window this frame chooses."""
-        end, speech_end = self._window(self._framed)
-        if not self._covered(turn, end):
-            self._early = self._pause_work(turn, self.detector.pause + 1, end, speech_end, early=True)
-        assert self._early is not None
-        self._early.taken = True
-
-    def _pause_work(self, turn: _Turn, pause: int, end: int, speech_end: int, early: bool = False) -> _Early:
-        """Start a pause's decode. One begun `early` (before the pause is confirmed) is skipped if, before a
-        worker takes it, it is replaced or the speech goes on (while it waits for the pause's first silent
-        frame, loud audio moves the window it would choose; then Silero hears speech again); if it already
-        ran, the result is dropped."""
+        """Start the decode of the pause that may be beginning (it is confirmed PAUSE_FRAMES later). If the
+        speech goes on before a worker takes it, it is skipped; if it already ran, the result is dropped."""
+        pause = self.detector.pause + 1
 
         def stale() -> bool:
-            if self._early is not work:
-                return True
-            if not work.taken:
-                return self._window(self._buf_start + self._buffered)[0] != end
-            return self.detector.silence == 0
+            return self._early is not early or self.detector.silence == 0
 
-        hear = self._hear(turn, end, Priority.FINAL, pause, stale if early else None, speech_end)
-        task = asyncio.ensure_future(hear)
+        task = asyncio.ensure_future(self._hear(turn, self._framed, Priority.FINAL, pause, stale))
         task.add_done_callback(_consume)
-        work = _Early(turn, pause, end, task)
-        return work
+        early = self._early = _Early(turn, pause, task)
 
     async def _check(self, pause: int, upto: int) -> list[Action]:
-        """Score a pause: Smart Turn on the last 8 s and a decode of the turn so far (begun before the pause
-        was confirmed), both awaited before the next frame is looked at, so decisions depend on the audio
-        alone (not on how fast it arrives). `turn.eager_end`/`turn.end` reuse the decode."""
+        """Score a pause: Smart Turn on the last 8 s and a decode of the turn so far (begun at the pause's
+        first silent frame), both awaited before the next frame is looked at, so decisions depend on the
+        audio alone (not on how fast it arrives). `turn.eager_end`/`turn.end` reuse the decode."""
         turn = self._require_turn()
         audio = self._slice(upto - int(SMART_TURN_SECONDS * SAMPLE_RATE), upto)
         score = asyncio.ensure_future(asyncio.to_thread(self._smart_turn.probability, audio))
         early = self._early
-        if early is None or early.turn is not turn or early.pause != pause:
-            early = self._pause_work(turn, pause, *self._window(upto))
         try:
-            turn.heard = await early.task
+            if early is not None and early.turn is turn and early.pause == pause:
+                turn.heard = await early.task
+            else:
+                turn.heard = await self._hear(turn, upto, Priority.FINAL, pause)
         except ApiError:
             raise
         except Exception as exc:
@@ -692,10 +604,8 @@ class TurnSession:
         priority: Priority,
         pause: int = -1,
         stale: Callable[[], bool] | None = None,
-        speech_end: int | None = None,
     ) -> Heard:
-        """Decode what the open segment says after its sent words, up to `end` (the speech in it ends at
-        `speech_end`, by default at the end of Silero's last speech frame).
+        """Decode what the open segment says after its sent words, up to `end`.
 
         A pause decode is what `turn.eager_end` / `turn.end` wait for, so when the unsent part is short it
         hears only that part plus CONTEXT_SECONDS of context before it, with the context's sent words
@@ -722,8 +632,7 @@ class TurnSession:
             said = _join(turn.sealed, _text(turn.sent[:k]))
             context = turn.sent[k:]
             heard = await self._decode(turn, context[0][1], end, priority, pause, said, stale, context)
-            if speech_end is None:
-                speech_end = min(end, self._last_speech)
+            speech_end = min(end, self._last_speech)
             if heard.words and heard.words[-1][2] >= speech_end - COVERAGE_SLACK * SAMPLE_RATE:
                 return heard
         # A decode of the whole segment gets only earlier segments' text: given the words it is about to
@@ -813,13 +722,6 @@ def _context_start(sent: Timed, at: int) -> int:
         if start <= at:
             k = i
     return k
-
-
-def _levels(samples: np.ndarray) -> np.ndarray:
-    """RMS of each whole 10 ms of `samples`."""
-    hop = SAMPLE_RATE // 100
-    frames = samples[: samples.size // hop * hop].reshape(-1, hop)
-    return np.sqrt((frames**2).mean(axis=1))
 
 
 def _consume(task: asyncio.Future[Heard]) -> None:
