@@ -237,8 +237,11 @@ def test_stray_finalize_and_bad_config_get_errors_and_the_session_goes_on(server
 )
 def test_pause_decodes_use_the_configured_model(pause_model: str, expected: str) -> None:
     """`STENOGRAPH_TURN_PAUSE_MODEL` picks the model of the decode that ends a turn; empty: the session's."""
-    settings = Settings(model_dir=MODEL_DIR, turn_pause_model=pause_model)
-    stream = TurnStream(Engine(settings), None, None, None)  # type: ignore[arg-type]
-    session = stream.open_session(QueryParams("model=ink-2&encoding=pcm_s16le&sample_rate=16000"))
-    assert session.recognizer.spec.name == expected
-    assert session.update_recognizer.spec.name == "whisper-tiny.en"
+    engine = Engine(Settings(model_dir=MODEL_DIR, turn_pause_model=pause_model))
+    try:
+        stream = TurnStream(engine, None, None, None)  # type: ignore[arg-type]
+        session = stream.open_session(QueryParams("model=ink-2&encoding=pcm_s16le&sample_rate=16000"))
+        assert session.recognizer.spec.name == expected
+        assert session.update_recognizer.spec.name == "whisper-tiny.en"
+    finally:
+        engine.close()  # its model worker threads
