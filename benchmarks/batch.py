@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk_benchmark"
 # Scored on its own: its references drop disfluencies that Whisper may or may not write (eval README).
 SEPARATE_SUBSETS = ("mfa_spontaneous",)
+# What each device runs by default: int8 is fastest on a CPU, float16 on a GPU.
+COMPUTE_TYPE = {"cpu": "int8", "cuda": "float16"}
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,9 @@ def process_cpu_seconds(pid: int) -> float:
 class Server:
     """`stenograph serve` on a free loopback port, ready once uvicorn reports startup complete."""
 
-    def __init__(self, model_dir: Path, workers: int, cpu_threads: int, beam_size: int) -> None:
+    def __init__(
+        self, model_dir: Path, workers: int, cpu_threads: int, beam_size: int, device: str = "cpu"
+    ) -> None:
         self.args = [
             "--model-dir",
             str(model_dir),
@@ -116,8 +120,8 @@ class Server:
             **os.environ,
             "STENOGRAPH_API_KEYS": API_KEY,
             "STENOGRAPH_BEAM_SIZE": str(beam_size),
-            "STENOGRAPH_DEVICE": "cpu",
-            "STENOGRAPH_COMPUTE_TYPE": "int8",
+            "STENOGRAPH_DEVICE": device,
+            "STENOGRAPH_COMPUTE_TYPE": COMPUTE_TYPE[device],
             "PYTHONUNBUFFERED": "1",
         }
         self.restarts = 0
@@ -221,7 +225,14 @@ def machine() -> dict[str, object]:
                 cpu = line.split(":", 1)[1].strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    info: dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        gpus = subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()
+        info["gpu"] = gpus.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
 
 
 def main() -> None:
@@ -234,6 +245,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--beam-size", type=int, default=5)
     parser.add_argument("--cpu-threads", type=int, default=1, help="threads per model call, both sides")
+    parser.add_argument("--device", choices=sorted(COMPUTE_TYPE), default="cpu", help="both sides")
     parser.add_argument(
         "--workers", type=int, default=1, help="server model calls at once (1: same as plain)"
     )
@@ -245,12 +257,12 @@ def main() -> None:
     model_dir = args.model_dir.resolve()
     plain = WhisperModel(
         str(model_dir / "whisper-base"),
-        device="cpu",
-        compute_type="int8",
+        device=args.device,
+        compute_type=COMPUTE_TYPE[args.device],
         cpu_threads=args.cpu_threads,
         local_files_only=True,
     )
-    server = Server(model_dir, args.workers, args.cpu_threads, args.beam_size)
+    server = Server(model_dir, args.workers, args.cpu_threads, args.beam_size, args.device)
     # A plain `kill` must still stop the server subprocess.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     load_before = os.getloadavg()
@@ -295,7 +307,8 @@ def main() -> None:
         "machine": {**machine(), "load_before": load_before, "load_after": load_after},
         "settings": {
             "model": "whisper-base",
-            "compute_type": "int8",
+            "device": args.device,
+            "compute_type": COMPUTE_TYPE[args.device],
             "beam_size": args.beam_size,
             "cpu_threads": args.cpu_threads,
             "server_workers": args.workers,

@@ -45,7 +45,7 @@ from stenograph.vad import FRAME, SileroVad
 from stenograph.wer import Clip, corpus_wer, load_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch import API_KEY, Server, machine
+from batch import API_KEY, COMPUTE_TYPE, Server, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL = Path(os.environ.get("STENOGRAPH_EVAL_DIR", ROOT.parent / "shared" / "eval"))
@@ -211,6 +211,7 @@ def main() -> None:
     parser.add_argument("--pauses", type=int, default=3, help="pause sessions per sentence")
     parser.add_argument("--ending", choices=("natural", "trimmed"), default="natural")
     parser.add_argument("--chunk-ms", type=int, default=int(CHUNK * 1000), help="audio per message")
+    parser.add_argument("--device", choices=sorted(COMPUTE_TYPE), default="cpu")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "turns.json"))
     args = parser.parse_args()
     clips = [
@@ -220,7 +221,7 @@ def main() -> None:
     ][: args.clips]
     rng = random.Random(args.seed)
     vad = SileroVad(ROOT / "models" / "silero_vad.onnx")
-    server = Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5)
+    server = Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5, device=args.device)
     latency: list[LatencySession] = []
     pauses: list[PauseSession] = []
     baseline_lat: dict[str, list[float]] = {str(ms): [] for ms in BASELINE_SILENCE_MS}
@@ -297,8 +298,13 @@ def main() -> None:
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {**machine(), "load_before": load_before, "load_after": os.getloadavg()},
-        "settings": "defaults: whisper-base int8 (ink-2), turn.update decodes on whisper-tiny.en, "
-        "2 workers x 1 thread, turn 0.8/0.4/0.2/5600",
+        "settings": f"whisper-base {COMPUTE_TYPE[args.device]} on {args.device} (ink-2), turn.update decodes "
+        f"on {os.environ.get('STENOGRAPH_TURN_UPDATE_MODEL', 'whisper-tiny.en')}, 2 workers x 1 thread, "
+        "turn 0.8/0.4/0.2/5600",
+        # Settings changed through the environment (paths left out).
+        "overrides": {
+            k: v for k, v in os.environ.items() if k.startswith("STENOGRAPH_") and not k.endswith("_DIR")
+        },
         "ending": args.ending,
         "chunk_ms": args.chunk_ms,
         "targets": TARGETS,

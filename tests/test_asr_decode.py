@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stenograph.asr import ModelSpec, Recognizer
+from stenograph import asr
+from stenograph.asr import Engine, ModelSpec, Recognizer
 from stenograph.audio import SAMPLE_RATE, read_file
 from stenograph.config import Settings
 from tests.conftest import MODEL_DIR
@@ -59,3 +60,38 @@ def test_prefix_is_said_and_aligned_and_prompt_is_not_repeated(base: Recognizer,
     assert words[-1].lower().startswith("brothels")
     assert all(start <= w.start <= w.end for w in out.words), "times are offset into the caller's audio"
     assert out.words[-1].end == pytest.approx(whole.words[-1].end, abs=0.3)
+
+
+class _FakeGpuRecognizer:
+    """Stands in for a CUDA-loaded model (this machine has no GPU): records the decodes asked of it."""
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        self.spec, self.device, self.decoded = spec, "cuda", []
+
+    def transcribe(self, audio: np.ndarray, language: str, beam_size: int, word_timestamps: bool) -> None:
+        self.decoded.append((audio.size, word_timestamps))
+
+
+def test_preload_warms_each_gpu_model_once_with_fake_gpu_recognizer(monkeypatch) -> None:
+    """A GPU's first decode is slow (CUDA setup): preload decodes once per distinct model, not per alias."""
+    monkeypatch.setattr(asr, "Recognizer", _FakeGpuRecognizer)
+    engine = Engine(Settings(model_dir=MODEL_DIR))
+    try:
+        engine.preload(["ink-whisper", "whisper-base", "ink-2"])
+        warmed = {name: rec.decoded for name, rec in engine._recognizers.items()}
+    finally:
+        engine.close()
+    assert warmed == {"whisper-base": [(SAMPLE_RATE, True)], "whisper-tiny.en": [(SAMPLE_RATE, True)]}
+
+
+def test_preload_leaves_cpu_models_cold(base: Recognizer, monkeypatch) -> None:
+    """On the CPU the first decode costs no more than later ones: no warm-up decode at startup."""
+    calls: list[str] = []
+    monkeypatch.setattr(Recognizer, "transcribe", lambda self, *a, **k: calls.append(self.spec.name))
+    engine = Engine(Settings(model_dir=MODEL_DIR))
+    try:
+        engine.preload(["whisper-base"])
+        assert {rec.device for rec in engine._recognizers.values()} == {"cpu"}
+    finally:
+        engine.close()
+    assert calls == []

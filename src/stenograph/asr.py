@@ -19,6 +19,7 @@ from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
 
+from stenograph.audio import SAMPLE_RATE
 from stenograph.config import Settings
 from stenograph.errors import ApiError, model_not_found
 from stenograph.models import CATALOGUE, ModelError, verify
@@ -362,9 +363,12 @@ class Engine:
         _ = self.vad
         _ = self.smart_turn
         s = self.settings
-        for model_id in [*model_ids, s.stream_interim_model, s.turn_update_model, s.turn_pause_model]:
-            if model_id:
-                self.recognizer(model_id)
+        wanted = [*model_ids, s.stream_interim_model, s.turn_update_model, s.turn_pause_model]
+        loaded = {rec.spec.name: rec for rec in (self.recognizer(m) for m in wanted if m)}
+        for rec in loaded.values():
+            if rec.device != "cpu":
+                # A GPU's first decode sets up CUDA and loads kernels: 13 s on an H200 (README).
+                rec.transcribe(np.zeros(SAMPLE_RATE, np.float32), "en", 1, word_timestamps=True)
 
     @property
     def ready(self) -> bool:
