@@ -245,3 +245,54 @@ def test_pause_decodes_use_the_configured_model(pause_model: str, expected: str)
         assert session.update_recognizer.spec.name == "whisper-tiny.en"
     finally:
         engine.close()  # its model worker threads
+
+
+async def in_process_turns(session, audio: np.ndarray) -> list[tuple[str, str | None]]:
+    """Feed a TurnSession 100 ms chunks as fast as it takes them, then `close`; its events in order."""
+    done = object()
+    events: list[tuple[str, str | None]] = []
+
+    async def drain() -> None:
+        while (event := await (await session.outputs.get())) is not done:
+            if event is not None:
+                events.append((event.kind, event.transcript))
+
+    async def finished() -> object:
+        return done
+
+    drainer = asyncio.ensure_future(drain())
+    pcm = encode_pcm(audio, "pcm_s16le")
+    for start in range(0, len(pcm), CHUNK * 2):
+        await session.feed(pcm[start : start + CHUNK * 2])
+    await session.finish()
+    session.outputs.put_nowait(finished())
+    await drainer
+    return events
+
+
+def test_speech_after_a_long_silence_inside_a_turn_is_heard_on_tiny_en(clips) -> None:
+    """An unfinished phrase, 1.5 s of silence, then a whole sentence: one turn. A whisper-tiny.en decode of
+    the whole turn stopped at the silence, and the turn ended with the phrase alone; the pause decode now
+    decodes what follows its last word too (the phrase is said again at the start of the sentence, which a
+    decode prompted with the phrase would skip)."""
+    clip = next(c for c in clips if c.id == "ls-test-clean-1089-134686-0002")
+    sentence = read_file(str(clip.path))
+    engine = Engine(Settings(model_dir=MODEL_DIR, turn_pause_model="whisper-tiny.en"))
+    try:
+        words = engine.recognizer("whisper-base").transcribe(sentence, "en", 5, word_timestamps=True).words
+        would = [w.word.strip(",. ").lower() for w in words].index("would")
+        phrase = sentence[: int(words[would].end * RATE)]  # "After early nightfall, the yellow lamps would"
+        stream = TurnStream(engine, None, None, None)  # type: ignore[arg-type]
+        session = stream.open_session(QueryParams("model=ink-2&encoding=pcm_s16le&sample_rate=16000"))
+        audio = np.concatenate([phrase, silence(1.5), sentence, silence(0.5)])
+        events = asyncio.run(in_process_turns(session, audio))
+    finally:
+        engine.close()
+    machine = TurnStateMachine()
+    for kind, _ in events:
+        machine.apply(kind)
+    ends = [text for kind, text in events if kind == "turn.end"]
+    assert len(ends) == 1, events
+    reference = "AFTER EARLY NIGHTFALL THE YELLOW LAMPS WOULD " + clip.text
+    assert corpus_wer([(reference, ends[0])]) < 0.15, ends[0]
+    assert ends[0].rstrip(".").lower().endswith("brothels"), ends[0]

@@ -81,7 +81,8 @@ LEAD_IN_SECONDS = 0.5  # audio kept before the frame that opened a turn
 SMART_TURN_SECONDS = 8.0
 HOLDBACK_WORDS = 1  # the newest agreed word is not sent until a later decode confirms what follows it
 PROMPT_WORDS = 20  # sent words given to Whisper as the text before a tail window
-COVERAGE_SLACK = 0.6  # a tail decode whose last word ends this long before the speech did stopped early
+COVERAGE_SLACK = 0.6  # a pause decode whose last word ends this long before the speech did stopped early
+MAX_COVER_RETRIES = 2  # decodes of what such a whole-segment decode left unheard
 MAX_TAIL_SECONDS = 4.0  # pause decodes hear only the unsent tail (and its context) when it is this short
 CONTEXT_SECONDS = 0.6  # sent audio a tail decode hears before the unsent part, with its words as prefix
 # Whisper's probability of `.`/`?`/`!` after a pause decode's last word at or above which the words end a
@@ -637,7 +638,28 @@ class TurnSession:
                 return heard
         # A decode of the whole segment gets only earlier segments' text: given the words it is about to
         # hear as the text before it (rather than as a prefix), Whisper skips them.
-        return await self._decode(turn, turn.seg_start, end, priority, pause, turn.sealed, stale)
+        heard = await self._decode(turn, turn.seg_start, end, priority, pause, turn.sealed, stale)
+        if priority is Priority.FINAL:
+            heard = await self._cover(turn, heard, end, pause, stale)
+        return heard
+
+    async def _cover(
+        self, turn: _Turn, heard: Heard, end: int, pause: int, stale: Callable[[], bool] | None
+    ) -> Heard:
+        """A whole-segment decode can stop at a long silence inside the turn and leave the speech after it
+        unheard (whisper-tiny.en did at 1.5 s, and the turn ended without its second sentence): what
+        follows its last word is decoded on its own. Not with those words as its prompt: Whisper then skips
+        words it is about to hear again (a speaker starting the sentence over)."""
+        for _ in range(MAX_COVER_RETRIES):
+            speech_end = min(end, self._last_speech)
+            if not heard.words or heard.words[-1][2] >= speech_end - COVERAGE_SLACK * SAMPLE_RATE:
+                break
+            start = heard.words[-1][2]
+            more = await self._decode(turn, start, end, Priority.FINAL, pause, turn.sealed, stale)
+            if not more.words:
+                break
+            heard = replace(heard, words=[*heard.words, *more.words], end_probability=more.end_probability)
+        return heard
 
     async def _decode(
         self,
