@@ -25,6 +25,7 @@ from stenograph.turns import (
     FRAME_MS,
     GOING_ON,
     PAUSE_FRAMES,
+    RELOOK_FRAMES,
     SENTENCE_END_PROBABILITY,
     UNFINISHED_WEIGHT,
     WORDS_COMPLETE,
@@ -107,14 +108,20 @@ def test_turn_params_ranges_and_order() -> None:
 # -- the detector, driven directly ------------------------------------------------------------------------
 
 
-def run_detector(det: TurnDetector, probs: list[float], scores: dict[int, float]) -> list[str]:
-    """Feed frames; answer each score request from `scores` (keyed by pause id), as the session does."""
+def run_detector(
+    det: TurnDetector, probs: list[float], scores: dict[int, float], relooks: dict[int, float] | None = None
+) -> list[str]:
+    """Feed frames; answer each score request from `scores` (keyed by pause id), as the session does, and
+    each relook from `relooks` (Whisper's new sentence-end probability; none: it heard the same)."""
     events: list[str] = []
     for p in probs:
         pending = list(det.frame(p))
         while pending:
             action = pending.pop(0)
-            if isinstance(action, CheckTurn):
+            if isinstance(action, CheckTurn) and action.relook:
+                if relooks and action.pause in relooks:
+                    pending += det.sentence_end(action.pause, relooks[action.pause])
+            elif isinstance(action, CheckTurn):
                 pending += det.turn_probability(action.pause, scores.get(action.pause, 0.0))
             else:
                 events.append(action)
@@ -153,6 +160,30 @@ def test_detector_discounts_a_confident_score_when_the_words_do_not_end_a_senten
     assert ends_sentence(" I'd like a table.") and ends_sentence(' He said "no!"') and ends_sentence("")
     assert not ends_sentence(" I'd like a table") and not ends_sentence(" and then...")
     assert not ends_sentence(" for two,")
+
+
+def test_detector_hears_again_a_pause_whose_words_do_not_end_a_sentence() -> None:
+    """A decode ending at the pause's first silent frame may stop inside a softly ending last word ("…of the
+    broth", no full stop); 320 ms in, the pause is decoded again and the new words are judged anew."""
+    det = TurnDetector(TurnParams())
+    run_detector(det, frames(1000, 0.95) + frames(100, 0.02), {})
+    assert det.turn_probability(det.pause, 0.9, sentence_end=0.1) == []
+    assert [det.frame(0.02) for _ in range(RELOOK_FRAMES - 1 - det.silence)] == [[]] * 6
+    assert det.frame(0.02) == [CheckTurn(det.pause, relook=True)]
+    assert det.sentence_end(det.pause, 0.9) == ["turn.end"], "whole sentence, sure Smart Turn: the end now"
+    assert det.sentence_end(det.pause, 0.9) == [], "after the end, nothing"
+    # Heard the same, or a sentence end Whisper is not sure of: the turn waits for the rest of the unfinished
+    # hold, as without the relook.
+    for again in (0.1, CONFIDENT_SENTENCE_END - 0.01):
+        det = TurnDetector(TurnParams())
+        run_detector(det, frames(1000, 0.95) + frames(100, 0.02), {})
+        det.turn_probability(det.pause, 0.9, sentence_end=0.1)
+        assert run_detector(det, frames(800, 0.02), {}, {det.pause: again}) == []
+    # Words that already end a sentence are not decoded again.
+    det = TurnDetector(TurnParams())
+    run_detector(det, frames(1000, 0.95) + frames(100, 0.02), {})
+    det.turn_probability(det.pause, 0.4, sentence_end=SENTENCE_END_PROBABILITY)
+    assert not any(det.frame(0.02) for _ in range(RELOOK_FRAMES * 2))
 
 
 def test_pause_decode_judges_the_sentence_end_by_whisper_probability_not_its_punctuation() -> None:
@@ -403,10 +434,15 @@ def encode_float(samples: np.ndarray) -> bytes:
 
 
 async def run_session(
-    audio: np.ndarray, chunk: int, configs: list[dict[str, float]], scheduler: FakeScheduler | None = None
+    audio: np.ndarray,
+    chunk: int,
+    configs: list[dict[str, float]],
+    scheduler: FakeScheduler | None = None,
+    recognizer: FakeRecognizer | None = None,
 ) -> list[tuple[str, str | None]]:
     config = TurnConfig("ink-2", "pcm_f32le", 16000, TurnParams(end_timeout_ms=1000), update_interval=0.3)
-    session = TurnSession(fake_engine(scheduler), FakeRecognizer(), config)  # type: ignore[arg-type]
+    recognizer = recognizer or FakeRecognizer()
+    session = TurnSession(fake_engine(scheduler), recognizer, config)  # type: ignore[arg-type]
     if isinstance(scheduler, RecordingScheduler):
         scheduler.session = session
     events: list[tuple[str, str | None]] = []
@@ -536,6 +572,35 @@ def test_session_with_fake_models_starts_no_update_while_the_speaker_is_silent()
         assert set(updates) == {0}, f"an update started while the speaker was silent: {scheduler.started}"
         assert [k for k, _ in events if k != "turn.update"] == ["turn.start", "turn.eager_end", "turn.end"]
         check_fake_words(events)
+
+
+class UnfinishedRecognizer(FakeRecognizer):
+    """The fake words, never ending a sentence; notes the frames (first, last) each pause decode hears."""
+
+    def __init__(self) -> None:
+        self.pause_windows: list[tuple[int, int]] = []
+
+    def decode_utterance(self, audio, *args, **kwargs):
+        if kwargs.get("end_probability"):
+            ids = [frame_index(v) for v in audio if v <= -0.5]
+            self.pause_windows.append((min(ids), max(ids)))
+        result = super().decode_utterance(audio, *args, **kwargs)
+        words = [Word(w.word.rstrip("?"), w.start, w.end) for w in result.words]
+        return Transcription("".join(" " + w.word for w in words), words)
+
+
+def test_session_decodes_an_unfinished_pause_again_whole_with_fake_models() -> None:
+    """Words without a sentence end at a pause's first silent frame: RELOOK_FRAMES into the pause the whole
+    turn is decoded again, up to that frame."""
+    recognizer = UnfinishedRecognizer()
+    script = [(0.0, 0.0, 20), (0.99, 0.0, 40), (0.0, 0.3, 60)]  # frames 20-59 speech, then silence
+    events = asyncio.run(run_session(fake_audio(script), 512, [], recognizer=recognizer))
+    assert [k for k, _ in events if k != "turn.update"] == ["turn.start", "turn.eager_end", "turn.end"]
+    (_, early_end), relook = recognizer.pause_windows
+    assert early_end == 60, "the first pause decode ends with the pause's first silent frame"
+    # The turn opens on its third speech frame (22) with 0.5 s of audio before those three: from inside
+    # frame 4, so frame 5 is the first whole frame of the turn.
+    assert relook == (5, 60 + RELOOK_FRAMES - 1)
 
 
 def test_extend_sent_keeps_sent_words_verbatim() -> None:

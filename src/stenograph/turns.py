@@ -13,8 +13,11 @@ turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `t
   probability of `.`/`?`/`!` after the last word. Below 0.25 the words do not end a sentence and
   `p_complete` is halved for the first second of the pause: read speech often has falling, "final"
   intonation at commas, which Whisper does not take for a sentence end (after a second, prosody alone
-  decides). At 0.6 or more Whisper is sure the sentence ended, and unless Smart Turn is sure the speaker
-  goes on (`p_complete` <= 0.2), `p_complete` is raised to at least 0.75, or 0.85 when it is above 0.5:
+  decides). Such a pause is decoded again, whole, ~320 ms in: the first decode ends at the pause's first
+  silent frame and sometimes stops inside a softly ending last word or drops the full stop, and with more
+  silence after the words Whisper hears the ending (only a sure sentence end, below, counts then). At 0.6
+  or more Whisper is sure the sentence ended, and unless Smart Turn is sure the speaker goes on
+  (`p_complete` <= 0.2), `p_complete` is raised to at least 0.75, or 0.85 when it is above 0.5:
   Smart Turn, trained on conversation, scores many finished read sentences 0.2-0.8. Activity then decays
   with the silence:
 
@@ -77,6 +80,9 @@ PAUSE_FRAMES = 3  # silent frames before a pause is scored
 END_HOLD_FRAMES = 6  # ~190 ms: the shortest pause that can end a turn (shorter ones are breaths)
 UNFINISHED_WEIGHT = 0.5  # p_complete counts half when the words so far do not end a sentence ...
 UNFINISHED_HOLD_FRAMES = 31  # ... for the first second of the pause (Whisper drops some final full stops)
+# ~320 ms into such a pause its audio is decoded again, with that much silence after the words: a decode that
+# ends at the pause's first silent frame sometimes stops inside a softly ending last word ("…of the broth").
+RELOOK_FRAMES = 10
 LEAD_IN_SECONDS = 0.5  # audio kept before the frame that opened a turn
 SMART_TURN_SECONDS = 8.0
 HOLDBACK_WORDS = 1  # the newest agreed word is not sent until a later decode confirms what follows it
@@ -187,9 +193,11 @@ class TurnStateMachine:
 
 @dataclass(frozen=True)
 class CheckTurn:
-    """Ask for the Smart Turn score of the audio up to now, for the pause numbered `pause`."""
+    """Ask for the Smart Turn score and the words of the audio up to now, for the pause numbered `pause`;
+    with `relook`, for the words again (Smart Turn's score stands)."""
 
     pause: int
+    relook: bool = False
 
 
 Action = str | CheckTurn  # a turn event name, or a request for a score
@@ -234,6 +242,12 @@ class TurnDetector:
             self.pause += 1
             self._p_complete, self._sentence_end = None, SENTENCE_END_PROBABILITY
             actions.append(CheckTurn(self.pause))
+        elif (
+            self.silence == RELOOK_FRAMES
+            and self.state is TurnState.SPEAKING
+            and self._sentence_end < SENTENCE_END_PROBABILITY
+        ):
+            actions.append(CheckTurn(self.pause, relook=True))
         return actions + self._judge()
 
     def turn_probability(
@@ -243,6 +257,15 @@ class TurnDetector:
         if pause != self.pause or not self.paused:
             return []
         self._p_complete, self._sentence_end = p_complete, sentence_end
+        return self._judge()
+
+    def sentence_end(self, pause: int, sentence_end: float) -> list[Action]:
+        """The words of `pause` heard again, with the same score. Only a sure sentence end counts: taking
+        any new probability of 0.25 or more cut one more of 80 inserted mid-sentence pauses (README)."""
+        if pause != self.pause or not self.paused:
+            return []
+        if sentence_end >= CONFIDENT_SENTENCE_END:
+            self._sentence_end = sentence_end
         return self._judge()
 
     def finish(self) -> list[Action]:
@@ -436,7 +459,7 @@ class TurnSession:
             while pending:
                 action = pending.popleft()
                 if isinstance(action, CheckTurn):
-                    pending.extend(await self._check(action.pause, self._framed))
+                    pending.extend(await self._check(action, self._framed))
                 else:
                     self._apply([action], self._framed)
             self._maybe_update()
@@ -454,25 +477,30 @@ class TurnSession:
         task.add_done_callback(_consume)
         early = self._early = _Early(turn, pause, task)
 
-    async def _check(self, pause: int, upto: int) -> list[Action]:
+    async def _check(self, check: CheckTurn, upto: int) -> list[Action]:
         """Score a pause: Smart Turn on the last 8 s and a decode of the turn so far (begun at the pause's
         first silent frame), both awaited before the next frame is looked at, so decisions depend on the
-        audio alone (not on how fast it arrives). `turn.eager_end`/`turn.end` reuse the decode."""
-        turn = self._require_turn()
-        audio = self._slice(upto - int(SMART_TURN_SECONDS * SAMPLE_RATE), upto)
-        score = asyncio.ensure_future(asyncio.to_thread(self._smart_turn.probability, audio))
+        audio alone (not on how fast it arrives). `turn.eager_end`/`turn.end` reuse the decode. A relook
+        decodes the turn again, up to now, and keeps the score."""
+        turn, pause = self._require_turn(), check.pause
+        score = None
+        if not check.relook:
+            audio = self._slice(upto - int(SMART_TURN_SECONDS * SAMPLE_RATE), upto)
+            score = asyncio.ensure_future(asyncio.to_thread(self._smart_turn.probability, audio))
         early = self._early
         try:
-            if early is not None and early.turn is turn and early.pause == pause:
+            if not check.relook and early is not None and early.turn is turn and early.pause == pause:
                 turn.heard = await early.task
             else:
-                turn.heard = await self._hear(turn, upto, Priority.FINAL, pause)
+                turn.heard = await self._hear(turn, upto, Priority.FINAL, pause, whole=check.relook)
         except ApiError:
             raise
         except Exception as exc:
             raise ApiError(500, "internal_error", "Internal error", "transcription failed") from exc
-        text = _text(self._splice(turn, turn.heard))
-        return self.detector.turn_probability(pause, await score, turn.heard.sentence_end(text))
+        sentence_end = turn.heard.sentence_end(_text(self._splice(turn, turn.heard)))
+        if score is None:
+            return self.detector.sentence_end(pause, sentence_end)
+        return self.detector.turn_probability(pause, await score, sentence_end)
 
     def _apply(self, actions: list[Action], upto: int) -> None:
         # A pause decode stands for the turn's audio only if nothing was said after it: the detector is
@@ -605,8 +633,9 @@ class TurnSession:
         priority: Priority,
         pause: int = -1,
         stale: Callable[[], bool] | None = None,
+        whole: bool = False,
     ) -> Heard:
-        """Decode what the open segment says after its sent words, up to `end`.
+        """Decode what the open segment says after its sent words, up to `end` (`whole`: all of it).
 
         A pause decode is what `turn.eager_end` / `turn.end` wait for, so when the unsent part is short it
         hears only that part plus CONTEXT_SECONDS of context before it, with the context's sent words
@@ -628,7 +657,7 @@ class TurnSession:
 
             stale = superseded
         short = end - turn.words_end <= MAX_TAIL_SECONDS * SAMPLE_RATE
-        if turn.sent and short and priority is Priority.FINAL:
+        if turn.sent and short and priority is Priority.FINAL and not whole:
             k = _context_start(turn.sent, turn.words_end - int(CONTEXT_SECONDS * SAMPLE_RATE))
             said = _join(turn.sealed, _text(turn.sent[:k]))
             context = turn.sent[k:]
