@@ -662,8 +662,7 @@ class TurnSession:
             said = _join(turn.sealed, _text(turn.sent[:k]))
             context = turn.sent[k:]
             heard = await self._decode(turn, context[0][1], end, priority, pause, said, stale, context)
-            speech_end = min(end, self._last_speech)
-            if heard.words and heard.words[-1][2] >= speech_end - COVERAGE_SLACK * SAMPLE_RATE:
+            if heard.words and self._covers(heard, end):
                 return heard
         # A decode of the whole segment gets only earlier segments' text: given the words it is about to
         # hear as the text before it (rather than as a prefix), Whisper skips them.
@@ -680,8 +679,7 @@ class TurnSession:
         follows its last word is decoded on its own. Not with those words as its prompt: Whisper then skips
         words it is about to hear again (a speaker starting the sentence over)."""
         for _ in range(MAX_COVER_RETRIES):
-            speech_end = min(end, self._last_speech)
-            if not heard.words or heard.words[-1][2] >= speech_end - COVERAGE_SLACK * SAMPLE_RATE:
+            if not heard.words or self._covers(heard, end):
                 break
             start = heard.words[-1][2]
             more = await self._decode(turn, start, end, Priority.FINAL, pause, turn.sealed, stale)
@@ -689,6 +687,13 @@ class TurnSession:
                 break
             heard = replace(heard, words=[*heard.words, *more.words], end_probability=more.end_probability)
         return heard
+
+    def _covers(self, heard: Heard, end: int) -> bool:
+        """Do the decode's words reach (nearly) as far as the speech before `end`? A last word ending
+        COVERAGE_SLACK before it means Whisper stopped early (the aligner puts last word ends up to 0.4 s
+        early)."""
+        speech_end = min(end, self._last_speech)
+        return heard.words[-1][2] >= speech_end - COVERAGE_SLACK * SAMPLE_RATE
 
     async def _decode(
         self,
