@@ -51,6 +51,7 @@ bench: install
 	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/streaming.py
 	$(PY) benchmarks/turns.py
+	$(PY) benchmarks/turns.py --sweep 1,2,4,6,8 --out benchmarks/results/turns_sweep.json
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR) .cache

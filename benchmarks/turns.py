@@ -13,6 +13,10 @@ batch API (`POST /stt`, word granularity). Measured:
   fast as the server takes them.
 - Baseline: plain silence endpointing on the same Silero VAD (a turn ends after N ms below 0.5), on the same
   audio: its false cut-off rate, and its decision latency (audio time, before any transcription).
+- Capacity (`--sweep`, instead of the above): N concurrent real-time sessions, each one user's side of a
+  conversation (the sentences in turn, 2.5 s of silence after each while the agent replies, streams started
+  at random offsets). Per N: `turn.end` and `turn.eager_end` latency after each sentence, the share of
+  sentences whose turn ended before the next one began, WER, and the server's CPU time per stream.
 
 `--ending trimmed` is the protocol of earlier results: each sentence cut 50 ms after Whisper's aligned end of
 its last word, and latency measured from that word end. The alignment puts the end of the last word early (by
@@ -21,6 +25,7 @@ the clipped sentence as unfinished far more often than a whole one.
 
     python benchmarks/turns.py               # 20 clips (about 8 minutes)
     python benchmarks/turns.py --clips 5     # a quick look
+    python benchmarks/turns.py --sweep 1,2,4,6,8 --out benchmarks/results/turns_sweep.json   # ~6 minutes
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from stenograph.vad import FRAME, SileroVad
 from stenograph.wer import Clip, corpus_wer, load_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch import API_KEY, COMPUTE_TYPE, Server, machine
+from batch import API_KEY, COMPUTE_TYPE, Server, machine, process_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL = Path(os.environ.get("STENOGRAPH_EVAL_DIR", ROOT.parent / "shared" / "eval"))
@@ -54,6 +59,7 @@ CHUNK = 0.1  # seconds of audio per message, as a microphone buffer delivers the
 LEAD_SILENCE = 0.3
 TAIL_SILENCE = 6.0  # longer than the default end timeout's decay (0.8 x 5.6 s)
 BASELINE_SILENCE_MS = (300, 500, 800)
+REPLY_GAP = 2.5  # seconds of silence after each sentence in a capacity session: the agent's reply
 TARGETS = {"end_p50": 0.400, "eager_end_p50": 0.250, "false_cutoff_rate": 0.10}
 
 
@@ -111,6 +117,79 @@ async def run_session(
     await ws.send(json.dumps({"type": "close"}))
     await receiver
     return events, origin
+
+
+@dataclass
+class SweepStage:
+    streams: int
+    sentences: int
+    ended: int  # sentences whose turn ended within REPLY_GAP (before the user's next sentence)
+    end_p50: float | None  # seconds from each sentence's end of speech to its turn.end
+    end_p95: float | None
+    eager_end_p50: float | None
+    eager_end_p95: float | None
+    cpu_per_stream: float  # server CPU seconds per second of wall time, per stream
+    wer: float
+
+
+def conversation(sentences: list[tuple[np.ndarray, float]], lead: float) -> tuple[np.ndarray, list[float]]:
+    """One user's side of a conversation: `lead` s of silence, then each sentence followed by REPLY_GAP s of
+    silence. Returns the audio and, per sentence, where its speech ends (seconds into the stream)."""
+    parts, ends, t = [silence(lead)], [], lead
+    for audio, speech_end in sentences:
+        parts += [audio, silence(REPLY_GAP)]
+        ends.append(t + speech_end)
+        t += audio.size / SAMPLE_RATE + REPLY_GAP
+    return np.concatenate(parts), ends
+
+
+async def sweep_stage(
+    server: Server,
+    n: int,
+    sentences: list[tuple[np.ndarray, float, str]],
+    seconds: float,
+    rng: random.Random,
+    chunk: float,
+) -> SweepStage:
+    """`n` concurrent real-time conversations of about `seconds` each, every stream starting at a
+    different sentence. A sentence counts as ended when a `turn.end` comes within REPLY_GAP of its end."""
+    streams = []
+    for i in range(n):
+        picked, total, k = [], 0.0, i * len(sentences) // n
+        while total < seconds:
+            picked.append(sentences[k % len(sentences)])
+            total += picked[-1][0].size / SAMPLE_RATE + REPLY_GAP
+            k += 1
+        audio, ends = conversation([(a, e) for a, e, _ in picked], rng.uniform(0.0, REPLY_GAP))
+        streams.append((audio, ends, " ".join(text for _, _, text in picked)))
+    cpu0, wall0 = process_cpu_seconds(server.process.pid), time.monotonic()
+    runs = await asyncio.gather(
+        *(run_session(base_url(server), audio, realtime=True, chunk=chunk) for audio, _, _ in streams)
+    )
+    cpu = (process_cpu_seconds(server.process.pid) - cpu0) / (time.monotonic() - wall0) / n
+    end_lat: list[float] = []
+    eager_lat: list[float] = []
+    for (events, origin), (_, ends, _) in zip(runs, streams, strict=True):
+        for speech_end in ends:
+            lo = origin + speech_end
+            for kind, out in (("turn.end", end_lat), ("turn.eager_end", eager_lat)):
+                waits = [at - lo for at, e in events if e["type"] == kind and 0 <= at - lo < REPLY_GAP]
+                out.extend(waits[:1])
+    pairs = [
+        (reference, "".join(turn_ends(events)))
+        for (events, _), (_, _, reference) in zip(runs, streams, strict=True)
+    ]
+    return SweepStage(
+        streams=n,
+        sentences=sum(len(ends) for _, ends, _ in streams),
+        ended=len(end_lat),
+        end_p50=pct(end_lat, 50),
+        end_p95=pct(end_lat, 95),
+        eager_end_p50=pct(eager_lat, 50),
+        eager_end_p95=pct(eager_lat, 95),
+        cpu_per_stream=round(cpu, 3),
+        wer=corpus_wer(pairs),
+    )
 
 
 def base_url(server: Server) -> str:
@@ -202,6 +281,39 @@ def pause_session(
     )
 
 
+def header(args: argparse.Namespace, load_before: tuple[float, float, float]) -> dict[str, object]:
+    """What a result file records about how it was made."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {**machine(), "load_before": load_before, "load_after": os.getloadavg()},
+        "settings": f"whisper-base {COMPUTE_TYPE[args.device]} on {args.device} (ink-2), turn.update decodes "
+        f"on {os.environ.get('STENOGRAPH_TURN_UPDATE_MODEL', 'whisper-tiny.en')}, 2 workers x 1 thread, "
+        "turn 0.8/0.4/0.2/5600",
+        # Settings changed through the environment (paths left out).
+        "overrides": {
+            k: v for k, v in os.environ.items() if k.startswith("STENOGRAPH_") and not k.endswith("_DIR")
+        },
+        "chunk_ms": args.chunk_ms,
+    }
+
+
+def sweep(
+    args: argparse.Namespace, clips: list[Clip], vad: SileroVad, server: Server, rng: random.Random
+) -> None:
+    load_before = os.getloadavg()
+    sentences = []
+    for clip in clips:
+        audio = read_file(str(clip.path))
+        sentences.append((audio, end_of_speech(vad, audio), clip.text))
+    stages = []
+    for n in (int(x) for x in args.sweep.split(",") if x.strip()):
+        stage = sweep_stage(server, n, sentences, args.sweep_seconds, rng, args.chunk_ms / 1000)
+        stages.append(asyncio.run(stage))
+        print(json.dumps(asdict(stages[-1])), flush=True)
+    report = {**header(args, load_before), "reply_gap_s": REPLY_GAP, "stages": [asdict(s) for s in stages]}
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -212,6 +324,8 @@ def main() -> None:
     parser.add_argument("--ending", choices=("natural", "trimmed"), default="natural")
     parser.add_argument("--chunk-ms", type=int, default=int(CHUNK * 1000), help="audio per message")
     parser.add_argument("--device", choices=sorted(COMPUTE_TYPE), default="cpu")
+    parser.add_argument("--sweep", default="", help="concurrent sessions, e.g. 1,2,4,8 (capacity only)")
+    parser.add_argument("--sweep-seconds", type=float, default=60.0, help="audio per session per sweep step")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "turns.json"))
     args = parser.parse_args()
     clips = [
@@ -222,6 +336,12 @@ def main() -> None:
     rng = random.Random(args.seed)
     vad = SileroVad(ROOT / "models" / "silero_vad.onnx")
     server = Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5, device=args.device)
+    if args.sweep:
+        try:
+            sweep(args, clips, vad, server, rng)
+        finally:
+            server.close()
+        return
     latency: list[LatencySession] = []
     pauses: list[PauseSession] = []
     baseline_lat: dict[str, list[float]] = {str(ms): [] for ms in BASELINE_SILENCE_MS}
@@ -296,17 +416,8 @@ def main() -> None:
         },
     }
     report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {**machine(), "load_before": load_before, "load_after": os.getloadavg()},
-        "settings": f"whisper-base {COMPUTE_TYPE[args.device]} on {args.device} (ink-2), turn.update decodes "
-        f"on {os.environ.get('STENOGRAPH_TURN_UPDATE_MODEL', 'whisper-tiny.en')}, 2 workers x 1 thread, "
-        "turn 0.8/0.4/0.2/5600",
-        # Settings changed through the environment (paths left out).
-        "overrides": {
-            k: v for k, v in os.environ.items() if k.startswith("STENOGRAPH_") and not k.endswith("_DIR")
-        },
+        **header(args, load_before),
         "ending": args.ending,
-        "chunk_ms": args.chunk_ms,
         "targets": TARGETS,
         "summary": summary,
         "latency_sessions": [asdict(s) for s in latency],
