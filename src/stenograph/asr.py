@@ -18,6 +18,7 @@ from faster_whisper import WhisperModel
 from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
+from threadpoolctl import threadpool_limits
 
 from stenograph.audio import SAMPLE_RATE
 from stenograph.config import Settings
@@ -293,6 +294,10 @@ def _looks_degenerate(result: Transcription, seconds: float) -> bool:
 
 class Engine:
     def __init__(self, settings: Settings) -> None:
+        # numpy's BLAS only serves the feature extractors' small matrix products, but with a thread per core
+        # its idle worker spins after each one, taking most of a core from the models on a 2-core machine: a
+        # pause decode beside a Smart Turn score took 271 instead of 215 ms (README, "Turn detection").
+        threadpool_limits(1, user_api="blas")
         self.settings = settings
         self.scheduler = Scheduler(settings.workers, settings.max_queued_jobs)
         self._recognizers: dict[str, Recognizer] = {}
