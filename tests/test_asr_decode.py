@@ -98,14 +98,18 @@ def test_preload_leaves_cpu_models_cold(base: Recognizer, monkeypatch) -> None:
     assert calls == []
 
 
+def _blas_threads() -> set[int]:
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
 def test_engine_keeps_numpy_blas_on_one_thread() -> None:
     """A second BLAS thread only spins between the feature extractors' small matrix products, taking a core
     from the models; the engine caps the pool at one thread for the whole process."""
     with threadpool_limits(2, user_api="blas"):
-        if {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} != {2}:
+        if _blas_threads() != {2}:
             pytest.skip("this process's BLAS cannot run two threads")
         engine = Engine(Settings(model_dir=MODEL_DIR))
         try:
-            assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {1}
+            assert _blas_threads() == {1}
         finally:
             engine.close()
