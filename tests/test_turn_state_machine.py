@@ -617,6 +617,21 @@ def test_extend_sent_keeps_sent_words_verbatim() -> None:
     decoded = [("Id", 0, 10), ("liked", 10, 20), ("to", 20, 34), ("book", 34, 40)]
     assert words(extend_sent(sent, 26, decoded)) == ["I'd", "like", "to", "book"], "a cut word heard whole"
     assert extend_sent(sent, 30, []) == sent, "a decode that heard nothing takes nothing back"
+    # Heard differently earlier, but with the last sent words where they were said: the continuation
+    # follows them, even where the sent word's end (from another decode) reaches into the next word (seen
+    # live: "…dominions that the" sent, "…dominion that the sailorman was" heard, "sailorman" lost).
+    sent = [("dominions", 0, 10), ("that", 10, 20), ("the", 20, 34)]
+    decoded = [("dominion", 0, 10), ("that", 10, 20), ("the", 20, 24), ("sailorman", 24, 40), ("was", 40, 45)]
+    assert words(extend_sent(sent, 34, decoded)) == ["dominions", "that", "the", "sailorman", "was"]
+    decoded = [("the", 0, 5), ("that", 5, 8), ("the", 8, 9), ("dominion", 9, 12), ("that", 12, 20)]
+    decoded += [("the", 20, 30), ("sailor", 30, 33), ("man", 33, 40)]
+    assert words(extend_sent(sent, 34, decoded)) == ["dominions", "that", "the", "man"], (
+        "two copies of the ending: neither is trusted, the times decide"
+    )
+    second = 16000
+    far = [("that", 0, second), ("the", second, 2 * second), ("dominion", 2 * second, 3 * second)]
+    assert extend_sent(sent, 5 * second, far) == sent, "a copy a second or more from the sent one is another"
+    sent = [("I'd", 0, 10), ("like", 10, 20), ("to", 20, 30)]
     # A tail decode whose audio starts at sent word 1, with "like to" as its forced prefix.
     tail = [("like", 10, 20), ("to", 20, 30), ("book", 30, 40)]
     assert extend_sent(sent, 30, tail, first=1) == [*sent, ("book", 30, 40)]

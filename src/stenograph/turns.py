@@ -85,6 +85,8 @@ UNFINISHED_HOLD_FRAMES = 31  # ... for the first second of the pause (Whisper dr
 RELOOK_FRAMES = 10
 LEAD_IN_SECONDS = 0.5  # audio kept before the frame that opened a turn
 SMART_TURN_SECONDS = 8.0
+ENDING_WORDS = 2  # sent words a decode that heard them differently must repeat verbatim to splice after them,
+ENDING_SLACK = 1.0  # ending this close (s) to where they were heard before
 HOLDBACK_WORDS = 1  # the newest agreed word is not sent until a later decode confirms what follows it
 PROMPT_WORDS = 20  # sent words given to Whisper as the text before a tail window
 COVERAGE_SLACK = 0.6  # a pause decode whose last word ends this long before the speech did stopped early
@@ -749,18 +751,40 @@ def extend_sent(sent: Timed, sent_end: int, decoded: Timed, first: int = 0) -> T
     tail decode with context); more words may have been sent since it was made. When it agrees with the
     sent words from `first` on (ignoring case and punctuation) the rest follows by position; otherwise
     (heard differently, or split into words another way) the words centred after the last sent word's end
-    are the continuation. Either way, the last sent word heard again where it was said is not a new word: cut
-    short by the end of its window then and heard whole now, or said once more after a forced prefix that
-    already holds it (Whisper sometimes transcribes the prefix's last word a second time).
+    are the continuation: after the decode's own copy of the last sent words when it has one ("…dominion
+    that the" for the sent "…dominions that the"), else the words centred after the last sent word's end.
+    Word times come from different decodes, so a sent word's end can reach into the next word, which the
+    times alone then dropped (seen live: "that the sailorman was" became "that the was"). Either way, the
+    last sent word heard again where it was said is not a new word: cut short by the end of its window then
+    and heard whole now, or said once more after a forced prefix that already holds it (Whisper sometimes
+    transcribes the prefix's last word a second time).
     """
     opening = [_plain(w) for w, _, _ in sent[first:]]
     if [_plain(w) for w, _, _ in decoded[: len(opening)]] == opening:
         rest = decoded[len(opening) :]
+    elif (after := _after_ending(opening, decoded, sent_end)) is not None:
+        rest = decoded[after:]
     else:
         rest = [d for d in decoded if (d[1] + d[2]) / 2 > sent_end]
     if rest and sent and _plain(rest[0][0]) == _plain(sent[-1][0]) and rest[0][1] < sent_end:
         rest = rest[1:]
     return [*sent, *rest]
+
+
+def _after_ending(opening: list[str], decoded: Timed, sent_end: int) -> int | None:
+    """Index in `decoded` just after its copy of the last ENDING_WORDS words of `opening`: the only copy
+    that ends within ENDING_SLACK seconds of where the sent words end."""
+    ending = opening[-ENDING_WORDS:]
+    if len(ending) < ENDING_WORDS:
+        return None
+    heard = [_plain(w) for w, _, _ in decoded]
+    found = [
+        i + len(ending)
+        for i in range(len(heard) - len(ending) + 1)
+        if heard[i : i + len(ending)] == ending
+        and abs(decoded[i + len(ending) - 1][2] - sent_end) <= ENDING_SLACK * SAMPLE_RATE
+    ]
+    return found[0] if len(found) == 1 else None
 
 
 def _text(words: Timed) -> str:
