@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib.util
 import json
 import os
 import statistics
@@ -408,6 +409,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "streaming.json")
     args = parser.parse_args()
     args.sweep = [int(n) for n in args.sweep.split(",") if n.strip()]
+    if importlib.util.find_spec("matplotlib") is None:  # it plots last: fail before minutes of measuring
+        parser.exit(2, "streaming.py plots with matplotlib: pip install -e '.[bench]' (make bench does)\n")
     server = start_server()  # the default settings, the models in ./models (or STENOGRAPH_MODEL_DIR)
     try:
         report = asyncio.run(run(args, server))
