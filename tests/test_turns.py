@@ -86,8 +86,13 @@ def check_events(events: list) -> list[str]:
     text = ""
     request_ids = {e.request_id for e in events}
     assert len(request_ids) == 1, "one request id per connection"
+    previous = None
     for event in events[1:]:
         assert event.type != "error", event
+        if event.type == "turn.end" and previous is not None and previous.type == "turn.eager_end":
+            # LiveKit keeps the reply it began at `turn.eager_end` only if the final text is the same string.
+            assert event.transcript == previous.transcript, "turn.end changed the eager end's text"
+        previous = event
         if event.type == "turn.update":
             assert machine.state.value != "idle", "updates only inside a turn"
             assert len(event.transcript) > len(text) and event.transcript.startswith(text), (text, event)
