@@ -13,6 +13,7 @@ from stenograph import asr
 from stenograph.asr import Engine, ModelSpec, Recognizer
 from stenograph.audio import SAMPLE_RATE, read_file
 from stenograph.config import Settings
+from stenograph.wer import corpus_wer
 from tests.conftest import MODEL_DIR
 
 EVAL_CLIP = "audio/librispeech_test_clean/1089-134686-0002.flac"  # "... the squalid quarter of the brothels"
@@ -113,3 +114,24 @@ def test_engine_keeps_numpy_blas_on_one_thread() -> None:
             assert _blas_threads() == {1}
         finally:
             engine.close()
+
+
+def test_long_utterances_get_less_encoder_padding(base: Recognizer, clips, monkeypatch) -> None:
+    """Short windows (turn prefixes, tails) keep 4 s of padding against loops; from 8 s of audio on, 2 s,
+    which every long streaming final gains from."""
+    assert asr.short_window(300) == 700, "3 s of audio: 4 s of padding"
+    assert asr.short_window(700) == 1000, "7 s: a 10 s window"
+    assert asr.short_window(1200) == 1400, "12 s: 2 s of padding"
+    windows: list[tuple[int, int]] = []
+    decode_window = Recognizer._decode_window
+
+    def spy(self: Recognizer, features: np.ndarray, window: int, *args: object) -> asr.Transcription:
+        windows.append((features.shape[-1], window))
+        return decode_window(self, features, window, *args)
+
+    monkeypatch.setattr(Recognizer, "_decode_window", spy)
+    clip = next(c for c in clips if c.subset == "librispeech_test_clean" and 10.0 <= c.duration <= 15.0)
+    result = base.decode_utterance(read_file(str(clip.path)), "en", 1)
+    ((frames, window),) = windows
+    assert window == frames + asr.SHORT_WINDOW_MIN_PAD_FRAMES
+    assert corpus_wer([(clip.text, result.text)]) < 0.1, result.text

@@ -38,8 +38,13 @@ WHISPER_ALIASES = ("ink-whisper", "ink-whisper-2025-06-04")
 # Whisper loops ("It was this one. It was this one. ...") far more often on short windows, most of all on
 # the 1-4 s turn prefixes a live session decodes. On 198 such prefixes of 40 LibriSpeech clips, 2 s of
 # padding looped on 19, 3 s on 8, 4 s on 1, for about 10 ms more per decode; WER of the whole clips was
-# unchanged (4.9-5.0 %).
+# unchanged (4.9-5.0 %). Longer utterances loop rarely and pay for padding in every streaming final, so the
+# window is at least SHORT_WINDOW_MIN_FRAMES and the padding at least SHORT_WINDOW_MIN_PAD_FRAMES: on 60
+# LibriSpeech clips of 6-21.5 s, 2 s against 4 s of padding decoded in 460 against 505 ms at the median,
+# WER 10.28 against 10.15 %, one full-window retry either way.
 SHORT_WINDOW_PAD_FRAMES = 400
+SHORT_WINDOW_MIN_PAD_FRAMES = 200
+SHORT_WINDOW_MIN_FRAMES = 1000
 FULL_WINDOW_FRAMES = 3000
 # A loop used to run to Whisper's 448-token limit (2-3 s of decoding on one core, which stalled every turn
 # queued behind it). Nobody says more than ~7 tokens a second, so a decode stops at 10 a second.
@@ -191,7 +196,7 @@ class Recognizer:
             end_probability=end_probability and beam_size == 1,  # beam search returns no logits
         )
         features = self.model.feature_extractor(audio)
-        short = min(FULL_WINDOW_FRAMES, features.shape[-1] + SHORT_WINDOW_PAD_FRAMES)
+        short = min(FULL_WINDOW_FRAMES, short_window(features.shape[-1]))
         result = self._decode_window(features, short, tokenizer, request, offset)
         if short < FULL_WINDOW_FRAMES and _looks_degenerate(result, audio.size / 16000):
             result = self._decode_window(features, FULL_WINDOW_FRAMES, tokenizer, request, offset)
@@ -256,6 +261,13 @@ class _Request:
     suppress_tokens: list[int]
     word_timestamps: bool
     end_probability: bool
+
+
+def short_window(frames: int) -> int:
+    """Encoder frames for a short-window decode of `frames` of audio: 4 s of padding up to 6 s of audio,
+    then down to 2 s (a 10 s window) by 8 s."""
+    longer = max(SHORT_WINDOW_MIN_FRAMES, frames + SHORT_WINDOW_MIN_PAD_FRAMES)
+    return min(frames + SHORT_WINDOW_PAD_FRAMES, longer)
 
 
 def _end_probability(tokenizer: Tokenizer, tokens: list[int], logits: list[ctranslate2.StorageView]) -> float:
