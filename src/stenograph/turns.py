@@ -749,12 +749,12 @@ def extend_sent(sent: Timed, sent_end: int, decoded: Timed, first: int = 0) -> T
 
     The decode's audio starts with sent word `first` (0 for a decode of the whole segment, later for a
     tail decode with context); more words may have been sent since it was made. When it agrees with the
-    sent words from `first` on (ignoring case and punctuation) the rest follows by position; otherwise
-    (heard differently, or split into words another way) the words centred after the last sent word's end
-    are the continuation: after the decode's own copy of the last sent words when it has one ("…dominion
-    that the" for the sent "…dominions that the"), else the words centred after the last sent word's end.
-    Word times come from different decodes, so a sent word's end can reach into the next word, which the
-    times alone then dropped (seen live: "that the sailorman was" became "that the was"). Either way, the
+    sent words from `first` on (ignoring case and punctuation) the rest follows by position. Otherwise
+    (heard differently, or split into words another way) the continuation starts after the decode's own copy
+    of the last sent words when it has one ("…dominion that the" for the sent "…dominions that the"), else
+    with the words centred after the last sent word's end. Word times come from different decodes, so a sent
+    word's end can reach into the next word, which the times alone then dropped (seen live: "that the
+    sailorman was" became "that the was"). Either way, the
     last sent word heard again where it was said is not a new word: cut short by the end of its window then
     and heard whole now, or said once more after a forced prefix that already holds it (Whisper sometimes
     transcribes the prefix's last word a second time).
