@@ -196,7 +196,7 @@ class Recognizer:
             end_probability=end_probability and beam_size == 1,  # beam search returns no logits
         )
         features = self.model.feature_extractor(audio)
-        short = min(FULL_WINDOW_FRAMES, short_window(features.shape[-1]))
+        short = short_window(features.shape[-1])
         result = self._decode_window(features, short, tokenizer, request, offset)
         if short < FULL_WINDOW_FRAMES and _looks_degenerate(result, audio.size / 16000):
             result = self._decode_window(features, FULL_WINDOW_FRAMES, tokenizer, request, offset)
@@ -265,9 +265,9 @@ class _Request:
 
 def short_window(frames: int) -> int:
     """Encoder frames for a short-window decode of `frames` of audio: 4 s of padding up to 6 s of audio,
-    then down to 2 s (a 10 s window) by 8 s."""
+    then down to 2 s (a 10 s window) by 8 s, and never more than the full window."""
     longer = max(SHORT_WINDOW_MIN_FRAMES, frames + SHORT_WINDOW_MIN_PAD_FRAMES)
-    return min(frames + SHORT_WINDOW_PAD_FRAMES, longer)
+    return min(frames + SHORT_WINDOW_PAD_FRAMES, longer, FULL_WINDOW_FRAMES)
 
 
 def _end_probability(tokenizer: Tokenizer, tokens: list[int], logits: list[ctranslate2.StorageView]) -> float:

@@ -754,15 +754,15 @@ def extend_sent(sent: Timed, sent_end: int, decoded: Timed, first: int = 0) -> T
     of the last sent words when it has one ("…dominion that the" for the sent "…dominions that the"), else
     with the words centred after the last sent word's end. Word times come from different decodes, so a sent
     word's end can reach into the next word, which the times alone then dropped (seen live: "that the
-    sailorman was" became "that the was"). Either way, the
-    last sent word heard again where it was said is not a new word: cut short by the end of its window then
-    and heard whole now, or said once more after a forced prefix that already holds it (Whisper sometimes
-    transcribes the prefix's last word a second time).
+    sailorman was" became "that the was"). Either way, the last sent word heard again where it was said is
+    not a new word: cut short by the end of its window then and heard whole now, or said once more after a
+    forced prefix that already holds it (Whisper sometimes transcribes the prefix's last word a second time).
     """
     opening = [_plain(w) for w, _, _ in sent[first:]]
-    if [_plain(w) for w, _, _ in decoded[: len(opening)]] == opening:
+    heard = [_plain(w) for w, _, _ in decoded]
+    if heard[: len(opening)] == opening:
         rest = decoded[len(opening) :]
-    elif (after := _after_ending(opening, decoded, sent_end)) is not None:
+    elif (after := _after_ending(opening, heard, decoded, sent_end)) is not None:
         rest = decoded[after:]
     else:
         rest = [d for d in decoded if (d[1] + d[2]) / 2 > sent_end]
@@ -771,13 +771,12 @@ def extend_sent(sent: Timed, sent_end: int, decoded: Timed, first: int = 0) -> T
     return [*sent, *rest]
 
 
-def _after_ending(opening: list[str], decoded: Timed, sent_end: int) -> int | None:
-    """Index in `decoded` just after its copy of the last ENDING_WORDS words of `opening`: the only copy
-    that ends within ENDING_SLACK seconds of where the sent words end."""
+def _after_ending(opening: list[str], heard: list[str], decoded: Timed, sent_end: int) -> int | None:
+    """Index in `decoded` (whose plain words are `heard`) just after its copy of the last ENDING_WORDS words
+    of `opening`: the only copy that ends within ENDING_SLACK seconds of where the sent words end."""
     ending = opening[-ENDING_WORDS:]
     if len(ending) < ENDING_WORDS:
         return None
-    heard = [_plain(w) for w, _, _ in decoded]
     found = [
         i + len(ending)
         for i in range(len(heard) - len(ending) + 1)
