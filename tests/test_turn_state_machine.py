@@ -16,9 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stenograph.app import create_app
 from stenograph.asr import Transcription, Word
+from stenograph.config import Settings
 from stenograph.errors import ApiError
 from stenograph.scheduler import JobSkipped, Priority
+from stenograph.turn_routes import early_scoring
 from stenograph.turns import (
     BOTH_COMPLETE,
     CONFIDENT_SENTENCE_END,
@@ -118,11 +121,12 @@ def run_detector(
         pending = list(det.frame(p))
         while pending:
             action = pending.pop(0)
-            if isinstance(action, CheckTurn) and action.relook:
+            if isinstance(action, CheckTurn) and not action.score:
                 if relooks and action.pause in relooks:
                     pending += det.sentence_end(action.pause, relooks[action.pause])
             elif isinstance(action, CheckTurn):
-                pending += det.turn_probability(action.pause, scores.get(action.pause, 0.0))
+                sentence_end = SENTENCE_END_PROBABILITY if action.words else None
+                pending += det.turn_probability(action.pause, scores.get(action.pause, 0.0), sentence_end)
             else:
                 events.append(action)
     return events
@@ -169,7 +173,7 @@ def test_detector_hears_again_a_pause_whose_words_do_not_end_a_sentence() -> Non
     run_detector(det, frames(1000, 0.95) + frames(100, 0.02), {})
     assert det.turn_probability(det.pause, 0.9, sentence_end=0.1) == []
     assert [det.frame(0.02) for _ in range(RELOOK_FRAMES - 1 - det.silence)] == [[]] * 6
-    assert det.frame(0.02) == [CheckTurn(det.pause, relook=True)]
+    assert det.frame(0.02) == [CheckTurn(det.pause, score=False)]
     assert det.sentence_end(det.pause, 0.9) == ["turn.end"], "whole sentence, sure Smart Turn: the end now"
     assert det.sentence_end(det.pause, 0.9) == [], "after the end, nothing"
     # Heard the same, or a sentence end Whisper is not sure of: the turn waits for the rest of the unfinished
@@ -243,6 +247,28 @@ def test_detector_resume_after_eager_end_then_end() -> None:
     assert events == ["turn.start", "turn.eager_end", "turn.resume", "turn.eager_end", "turn.end"]
 
 
+def test_detector_early_score_ends_eagerly_at_the_first_silent_frame_and_ends_on_the_rescore() -> None:
+    """With `early_score` a pause is scored at its first silent frame, for `turn.eager_end`, and again two
+    frames later, with the same words; the end follows the second score."""
+    det = TurnDetector(TurnParams(), early_score=True)
+    assert run_detector(det, frames(1000, 0.95), {}) == ["turn.start"]
+    assert det.frame(0.02) == [CheckTurn(det.pause)]
+    assert det.turn_probability(det.pause, 0.95) == ["turn.eager_end"], "no end inside the hold"
+    assert det.frame(0.02) == []
+    assert det.frame(0.02) == [CheckTurn(det.pause, words=False)]
+    assert det.turn_probability(det.pause, 0.5, sentence_end=None) == []
+    assert run_detector(det, frames(1000, 0.02), {}) == [], "the unsure second score holds the end back"
+    det = TurnDetector(TurnParams(), early_score=True)
+    run_detector(det, frames(1000, 0.95) + frames(32, 0.02), {})
+    det.turn_probability(det.pause, 0.1, sentence_end=0.1)
+    assert run_detector(det, frames(64, 0.02), {det.pause: 0.95}) == [], "unfinished words still halve it"
+    assert run_detector(det, frames(1000, 0.02), {}) == ["turn.end"], "a second in, prosody alone"
+    # Without it, nothing is asked before the third silent frame.
+    det = TurnDetector(TurnParams())
+    run_detector(det, frames(1000, 0.95), {})
+    assert [det.frame(0.02) for _ in range(PAUSE_FRAMES)] == [[], [], [CheckTurn(det.pause)]]
+
+
 def test_detector_ignores_clicks_and_stale_scores() -> None:
     det = TurnDetector(TurnParams())
     assert run_detector(det, [0.02, 0.99, 0.02, 0.99, 0.99, 0.02], {}) == []  # never 3 frames in a row
@@ -294,9 +320,11 @@ ops = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(params=valid_params, script=ops)
-def test_detector_never_leaves_spec_order_with_fake_model_scores(params: TurnParams, script: list) -> None:
-    det = TurnDetector(params)
+@given(params=valid_params, script=ops, early_score=st.booleans())
+def test_detector_never_leaves_spec_order_with_fake_model_scores(
+    params: TurnParams, script: list, early_score: bool
+) -> None:
+    det = TurnDetector(params, early_score)
     events: list[str] = []
     silent_in_turn = 0
     for op in script:
@@ -439,8 +467,10 @@ async def run_session(
     configs: list[dict[str, float]],
     scheduler: FakeScheduler | None = None,
     recognizer: FakeRecognizer | None = None,
+    early_score: bool = False,
 ) -> list[tuple[str, str | None]]:
-    config = TurnConfig("ink-2", "pcm_f32le", 16000, TurnParams(end_timeout_ms=1000), update_interval=0.3)
+    params = TurnParams(end_timeout_ms=1000)
+    config = TurnConfig("ink-2", "pcm_f32le", 16000, params, update_interval=0.3, early_score=early_score)
     recognizer = recognizer or FakeRecognizer()
     session = TurnSession(fake_engine(scheduler), recognizer, config)  # type: ignore[arg-type]
     if isinstance(scheduler, RecordingScheduler):
@@ -490,11 +520,16 @@ config_changes = st.lists(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(script=runs, chunk=st.sampled_from([160, 512, 1600, 7000]), configs=config_changes)
+@given(
+    script=runs,
+    chunk=st.sampled_from([160, 512, 1600, 7000]),
+    configs=config_changes,
+    early_score=st.booleans(),
+)
 def test_session_with_fake_models_keeps_spec_order_and_never_revises_text(
-    script: list[tuple[float, float, int]], chunk: int, configs: list[dict[str, float]]
+    script: list[tuple[float, float, int]], chunk: int, configs: list[dict[str, float]], early_score: bool
 ) -> None:
-    events = asyncio.run(run_session(fake_audio(script), chunk, configs))
+    events = asyncio.run(run_session(fake_audio(script), chunk, configs, early_score=early_score))
     kinds = [k for k, _ in events if k != "turn.update"]
     assert check_spec_order(kinds) == "idle", "close ends an open turn"
     turn_text: str | None = None
@@ -533,7 +568,8 @@ def check_fake_words(events: list[tuple[str, str | None]]) -> None:
         last = ids[-1]
 
 
-def test_session_with_fake_models_same_turns_whatever_the_chunking() -> None:
+@pytest.mark.parametrize("early_score", [False, True])
+def test_session_with_fake_models_same_turns_whatever_the_chunking(early_score: bool) -> None:
     script = [
         (0.0, 0.0, 20),
         (0.99, 0.0, 160),  # 5 s of speech: updates send words before the pause decode
@@ -543,7 +579,10 @@ def test_session_with_fake_models_same_turns_whatever_the_chunking() -> None:
         (0.99, 0, 30),
     ]
     audio = fake_audio(script)
-    results = {chunk: asyncio.run(run_session(audio, chunk, [])) for chunk in (160, 1600, 16000)}
+    results = {
+        chunk: asyncio.run(run_session(audio, chunk, [], early_score=early_score))
+        for chunk in (160, 1600, 16000)
+    }
     kinds = {chunk: [k for k, _ in ev if k != "turn.update"] for chunk, ev in results.items()}
     for events in results.values():
         check_fake_words(events)
@@ -651,3 +690,63 @@ def test_extend_sent_keeps_sent_words_verbatim() -> None:
         *later,
         ("a", 40, 45),
     ]
+
+
+class SentenceRecognizer(FakeRecognizer):
+    """The fake words, always ending a sentence; counts the pause decodes."""
+
+    def __init__(self) -> None:
+        self.pause_decodes = 0
+
+    def decode_utterance(self, audio, *args, **kwargs):
+        self.pause_decodes += bool(kwargs.get("end_probability"))
+        result = super().decode_utterance(audio, *args, **kwargs)
+        words = [Word(w.word.rstrip("?"), w.start, w.end) for w in result.words]
+        words[-1:] = [Word(w.word + ".", w.start, w.end) for w in words[-1:]]
+        return Transcription("".join(" " + w.word for w in words), words)
+
+
+@pytest.mark.parametrize("early_score", [False, True])
+def test_session_early_score_scores_a_pause_twice_and_decodes_it_once_with_fake_models(
+    early_score: bool,
+) -> None:
+    """Smart Turn hears "complete" at the pause's first silent frame and "going on" from the third: scored
+    early, the turn ends eagerly at once and ends only on the timeout; scored once, at the third frame, it
+    has no eager end. Either way the pause is decoded once."""
+    recognizer = SentenceRecognizer()
+    script = [(0.0, 0.0, 20), (0.99, 0.0, 40), (0.0, 0.95, 2), (0.0, 0.1, 60)]
+    events = asyncio.run(
+        run_session(fake_audio(script), 512, [], recognizer=recognizer, early_score=early_score)
+    )
+    kinds = [k for k, _ in events if k != "turn.update"]
+    assert (
+        kinds == ["turn.start", "turn.eager_end", "turn.end"] if early_score else ["turn.start", "turn.end"]
+    )
+    assert recognizer.pause_decodes == 1
+    ends = [text for kind, text in events if kind in ("turn.eager_end", "turn.end")]
+    assert len(set(ends)) == 1 and ends[0].endswith("."), ends
+
+
+def test_early_score_setting_is_on_where_decodes_run_on_a_gpu_and_unknown_values_are_refused(
+    tmp_path,
+) -> None:
+    assert [early_scoring("auto", device) for device in ("cpu", "cuda")] == [False, True]
+    assert early_scoring("on", "cpu") and not early_scoring("off", "cuda")
+    with pytest.raises(ValueError, match="STENOGRAPH_TURN_EARLY_SCORE must be on, off or auto"):
+        create_app(Settings(turn_early_score="sometimes", state_dir=tmp_path), preload=False)
+
+
+@pytest.mark.parametrize("early_score", [False, True])
+def test_session_end_after_an_eager_end_carries_its_text_with_fake_models(early_score: bool) -> None:
+    """A sound too short to resume the turn (two frames of speech below the start threshold) after
+    `turn.eager_end`: the fake model hears words in it, but `turn.end` carries the eager end's text."""
+    script = [(0.0, 0.0, 20), (0.99, 0.0, 40), (0.0, 0.7, 5), (0.6, 0.7, 2), (0.0, 0.7, 60)]
+    recognizer = SentenceRecognizer()
+    events = asyncio.run(
+        run_session(fake_audio(script), 512, [], recognizer=recognizer, early_score=early_score)
+    )
+    ends = [(k, text) for k, text in events if k != "turn.update"]
+    assert [k for k, _ in ends] == ["turn.start", "turn.eager_end", "turn.end"], events
+    (_, eager), (_, end) = ends[1:]
+    assert end == eager and eager.endswith("."), events
+    assert recognizer.pause_decodes >= 2, "the sound began a new pause, decoded and scored like any other"

@@ -99,6 +99,9 @@ class Settings:
     # half of base's time, but costs WER on harder audio (see the README).
     turn_pause_model: str = ""
     turn_threads: int = 1  # onnxruntime intra-op threads per Smart Turn call
+    # Score each pause at its first silent frame too, for `turn.eager_end` (on | off | auto: on where the
+    # pause decode runs on a GPU). On a CPU the decode is the wait, and the extra scores cost capacity.
+    turn_early_score: str = "auto"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from starlette.datastructures import QueryParams
@@ -19,7 +20,10 @@ from starlette.websockets import WebSocket
 from stenograph import protocol
 from stenograph.asr import Engine
 from stenograph.audio import ENCODINGS, MAX_INPUT_RATE, MIN_INPUT_RATE
+from stenograph.auth import Authenticator
 from stenograph.errors import ApiError, bad_request, model_not_found
+from stenograph.limits import SessionLimiter
+from stenograph.shutdown import ShutdownCoordinator
 from stenograph.turns import (
     EAGER_END_RANGE,
     END_RANGE,
@@ -33,6 +37,7 @@ from stenograph.turns import (
 from stenograph.ws_routes import StreamEndpoint, parse_command, parse_keyterms, send_json
 
 TURN_MODELS = ("ink-2",)
+EARLY_SCORE_CHOICES = ("on", "off", "auto")  # STENOGRAPH_TURN_EARLY_SCORE
 # Query parameter (and `config` field) names with their spec ranges.
 TURN_FIELDS = {
     "start_threshold": START_RANGE,
@@ -72,6 +77,11 @@ def parse_turn_config(engine: Engine, params: Mapping[str, str], keyterms: list[
     )
 
 
+def early_scoring(setting: str, device: str) -> bool:
+    """STENOGRAPH_TURN_EARLY_SCORE for a session whose pause decodes run on `device`."""
+    return setting == "on" or (setting == "auto" and device != "cpu")
+
+
 def parse_turn_changes(text: str) -> dict[str, float]:
     """The `turn` object of a `config` command: known fields, each a number; unknown fields are ignored."""
     try:
@@ -101,13 +111,22 @@ class TurnStream(StreamEndpoint):
 
     endpoint = "turns"
 
+    def __init__(
+        self, engine: Engine, auth: Authenticator, limits: SessionLimiter, shutdown: ShutdownCoordinator
+    ) -> None:
+        early = engine.settings.turn_early_score
+        if early not in EARLY_SCORE_CHOICES:
+            raise ValueError(f"STENOGRAPH_TURN_EARLY_SCORE must be on, off or auto, got {early!r}")
+        super().__init__(engine, auth, limits, shutdown)
+
     def open_session(self, params: QueryParams) -> TurnSession:
         engine = self.engine
         config = parse_turn_config(engine, params, params.getlist("keyterm"))
         settings = engine.settings
         pauses = engine.interim_recognizer(config.model_id, "en", settings.turn_pause_model)
         updates = engine.interim_recognizer(config.model_id, "en", settings.turn_update_model)
-        return TurnSession(engine, pauses, config, updates)
+        early = early_scoring(settings.turn_early_score, pauses.device)
+        return TurnSession(engine, pauses, replace(config, early_score=early), updates)
 
     async def on_open(self, ws: WebSocket, request_id: str) -> None:
         await send_json(ws, protocol.simple_event("connected", request_id))

@@ -9,17 +9,16 @@ turn": `turn.start` when it rises above `start_threshold`, `turn.eager_end` / `t
   `turn.resume`) fires when speech has held above `start_threshold` for three frames.
 - While the user speaks, activity is 1.
 - Once they pause (three frames below the 0.5 speech line, ~100 ms), Smart Turn v3.2 scores the audio so far
-  once, giving `p_complete`, which the words then weigh. The pause's own Whisper decode gives `q`, Whisper's
-  probability of `.`/`?`/`!` after the last word. Below 0.25 the words do not end a sentence and
-  `p_complete` is halved for the first second of the pause: read speech often has falling, "final"
-  intonation at commas, which Whisper does not take for a sentence end (after a second, prosody alone
-  decides). Such a pause is decoded again, whole, ~320 ms in: the first decode ends at the pause's first
-  silent frame and sometimes stops inside a softly ending last word or drops the full stop, and with more
-  silence after the words Whisper hears the ending (only a sure sentence end, below, counts then). At 0.6
-  or more Whisper is sure the sentence ended, and unless Smart Turn is sure the speaker goes on
-  (`p_complete` <= 0.2), `p_complete` is raised to at least 0.75, or 0.85 when it is above 0.5:
-  Smart Turn, trained on conversation, scores many finished read sentences 0.2-0.8. Activity then decays
-  with the silence:
+  once (twice where decodes are cheap, below), giving `p_complete`, which the words then weigh. The pause's
+  own Whisper decode gives `q`, Whisper's probability of `.`/`?`/`!` after the last word. Below 0.25 the words
+  do not end a sentence and `p_complete` is halved for the first second of the pause: read speech often has
+  falling, "final" intonation at commas, which Whisper does not take for a sentence end (after a second,
+  prosody alone decides). Such a pause is decoded again, whole, ~320 ms in: the first decode ends at the
+  pause's first silent frame and sometimes stops inside a softly ending last word or drops the full stop, and
+  with more silence after the words Whisper hears the ending (only a sure sentence end, below, counts then).
+  At 0.6 or more Whisper is sure the sentence ended, and unless Smart Turn is sure the speaker goes on
+  (`p_complete` <= 0.2), `p_complete` is raised to at least 0.75, or 0.85 when it is above 0.5: Smart Turn,
+  trained on conversation, scores many finished read sentences 0.2-0.8. Activity then decays with the silence:
 
       activity = (1 - p_complete) * max(0, 1 - silence_ms / end_timeout_ms)
 
@@ -39,6 +38,13 @@ full-stop probability judges the sentence end (tiny.en there halves the wait on 
 audio; see the README). No update decode starts while the speaker is silent: it would share the CPU with the
 pause decode (sessions of the 20 benchmark sentences, interleaved with and without: `turn.end` p50 420 against
 451 ms).
+
+**Where decodes are cheap, a pause is scored twice** (`early_score`, on by default when the pause decode runs
+on a GPU): at its first silent frame, with that frame's decode, for `turn.eager_end`, and again when it is
+confirmed two frames later, with the same words, for `turn.end`. On a GPU the wait for `turn.eager_end` is
+listening, not decoding, and the third silent frame often arrives in the next message; an end judged on the
+first frame's score alone came late when Smart Turn heard the ending less surely that early. On a CPU the
+decode is the wait, and scoring every one-frame dip between words would make each wait for its decode.
 
 **Decisions follow the audio, not the clock.** Every decision is made while ingesting a frame, and a pause's
 Smart Turn score and decode are awaited before the next frame is looked at, so the same audio gives the same
@@ -195,11 +201,13 @@ class TurnStateMachine:
 
 @dataclass(frozen=True)
 class CheckTurn:
-    """Ask for the Smart Turn score and the words of the audio up to now, for the pause numbered `pause`;
-    with `relook`, for the words again (Smart Turn's score stands)."""
+    """Ask, for the pause numbered `pause`, for Smart Turn's score of the audio up to now (`score`) and for
+    the words heard up to now (`words`). A pause's first check asks for both; a relook for the words again
+    (the score stands); an early-scored pause's rescore for the score again (the words stand)."""
 
     pause: int
-    relook: bool = False
+    score: bool = True
+    words: bool = True
 
 
 Action = str | CheckTurn  # a turn event name, or a request for a score
@@ -208,10 +216,13 @@ Action = str | CheckTurn  # a turn event name, or a request for a score
 class TurnDetector:
     """Frame-by-frame turn decisions (see the module docstring); knows nothing of audio or text."""
 
-    def __init__(self, params: TurnParams) -> None:
+    def __init__(self, params: TurnParams, early_score: bool = False) -> None:
         self.params = params
         self.machine = TurnStateMachine()
-        self.pause = 0  # id of the current (or last) pause; a score for any other pause is stale
+        # With `early_score`, a pause is scored at its first silent frame, for `turn.eager_end`, and again
+        # once confirmed, for `turn.end` (see the module docstring).
+        self.first_check = 1 if early_score else PAUSE_FRAMES
+        self.pause = 0  # id of the current (or last) pause, from its first silent frame; others are stale
         self.silence = 0  # consecutive frames below the speech line
         self._recent: deque[float] = deque(maxlen=SUSTAIN_FRAMES)
         self._p_complete: float | None = None
@@ -223,7 +234,7 @@ class TurnDetector:
 
     @property
     def paused(self) -> bool:
-        return self.state is not TurnState.IDLE and self.silence >= PAUSE_FRAMES
+        return self.state is not TurnState.IDLE and self.silence >= self.first_check
 
     def frame(self, prob: float) -> list[Action]:
         self._recent.append(prob)
@@ -232,33 +243,39 @@ class TurnDetector:
             self.silence = 0
         else:
             self.silence += 1
+            if self.silence == 1:
+                self.pause += 1
         state = self.state
         if state is TurnState.IDLE:
             return self._emit(START) if sustained else []
         if state is TurnState.EAGER_ENDED and sustained:
             return self._emit(RESUME)
-        if self.silence < PAUSE_FRAMES:
+        if self.silence < self.first_check:
             return []
         actions: list[Action] = []
-        if self.silence == PAUSE_FRAMES:
-            self.pause += 1
+        if self.silence == self.first_check:
             self._p_complete, self._sentence_end = None, SENTENCE_END_PROBABILITY
             actions.append(CheckTurn(self.pause))
+        elif self.silence == PAUSE_FRAMES:
+            actions.append(CheckTurn(self.pause, words=False))
         elif (
             self.silence == RELOOK_FRAMES
             and self.state is TurnState.SPEAKING
             and self._sentence_end < SENTENCE_END_PROBABILITY
         ):
-            actions.append(CheckTurn(self.pause, relook=True))
+            actions.append(CheckTurn(self.pause, score=False))
         return actions + self._judge()
 
     def turn_probability(
-        self, pause: int, p_complete: float, sentence_end: float = SENTENCE_END_PROBABILITY
+        self, pause: int, p_complete: float, sentence_end: float | None = SENTENCE_END_PROBABILITY
     ) -> list[Action]:
-        """Smart Turn's score for `pause`, weighed by how likely the transcript so far ends a sentence."""
+        """Smart Turn's score for `pause`, weighed by how likely the transcript so far ends a sentence
+        (None: as the pause's words said before)."""
         if pause != self.pause or not self.paused:
             return []
-        self._p_complete, self._sentence_end = p_complete, sentence_end
+        self._p_complete = p_complete
+        if sentence_end is not None:
+            self._sentence_end = sentence_end
         return self._judge()
 
     def sentence_end(self, pause: int, sentence_end: float) -> list[Action]:
@@ -326,6 +343,7 @@ class TurnConfig:
     max_segment: float = 20.0  # a turn longer than this is decoded in pieces, cut after a sent word
     max_backlog: float = 120.0
     beam_size: int = 1
+    early_score: bool = False  # score each pause at its first silent frame too (where decodes are cheap)
 
 
 @dataclass(frozen=True)
@@ -410,7 +428,7 @@ class TurnSession:
         self.update_recognizer = update_recognizer or recognizer
         self.config = config
         self.outputs: asyncio.Queue[Awaitable[TurnEvent | None]] = asyncio.Queue()
-        self.detector = TurnDetector(config.params)
+        self.detector = TurnDetector(config.params, config.early_score)
         self._decoder = PcmDecoder(config.encoding, config.sample_rate)
         self._vad = engine.vad.stream()
         self._smart_turn = engine.smart_turn
@@ -425,6 +443,7 @@ class TurnSession:
         self._last_update_at = 0
         self._update_pending = False
         self._early: _Early | None = None
+        self._eager_open = False  # a `turn.eager_end` was decided and no `turn.resume` since (frame side)
         self._last_speech = 0  # absolute sample index after the last speech frame
         self._said_anything = False  # has any turn.end carried text (output side)?
         self._last_speech_at = time.monotonic()
@@ -470,7 +489,7 @@ class TurnSession:
     def _begin_early(self, turn: _Turn) -> None:
         """Start the decode of the pause that may be beginning (it is confirmed PAUSE_FRAMES later). If the
         speech goes on before a worker takes it, it is skipped; if it already ran, the result is dropped."""
-        pause = self.detector.pause + 1
+        pause = self.detector.pause
 
         def stale() -> bool:
             return self._early is not early or self.detector.silence == 0
@@ -483,18 +502,21 @@ class TurnSession:
         """Score a pause: Smart Turn on the last 8 s and a decode of the turn so far (begun at the pause's
         first silent frame), both awaited before the next frame is looked at, so decisions depend on the
         audio alone (not on how fast it arrives). `turn.eager_end`/`turn.end` reuse the decode. A relook
-        decodes the turn again, up to now, and keeps the score."""
+        decodes the turn again, up to now, and keeps the score; a rescore keeps the words."""
         turn, pause = self._require_turn(), check.pause
         score = None
-        if not check.relook:
+        if check.score:
             audio = self._slice(upto - int(SMART_TURN_SECONDS * SAMPLE_RATE), upto)
             score = asyncio.ensure_future(asyncio.to_thread(self._smart_turn.probability, audio))
+        if not check.words:
+            assert score is not None
+            return self.detector.turn_probability(pause, await score, sentence_end=None)
         early = self._early
         try:
-            if not check.relook and early is not None and early.turn is turn and early.pause == pause:
+            if check.score and early is not None and early.turn is turn and early.pause == pause:
                 turn.heard = await early.task
             else:
-                turn.heard = await self._hear(turn, upto, Priority.FINAL, pause, whole=check.relook)
+                turn.heard = await self._hear(turn, upto, Priority.FINAL, pause, whole=not check.score)
         except ApiError:
             raise
         except Exception as exc:
@@ -507,7 +529,7 @@ class TurnSession:
     def _apply(self, actions: list[Action], upto: int) -> None:
         # A pause decode stands for the turn's audio only if nothing was said after it: the detector is
         # still in the pause it was made for (`silence` is not reset by the end itself).
-        pause = self.detector.pause if self.detector.silence >= PAUSE_FRAMES else -1
+        pause = self.detector.pause if self.detector.silence >= self.detector.first_check else -1
         for action in actions:
             if action == START:
                 lead_in = upto - SUSTAIN_FRAMES * FRAME - int(LEAD_IN_SECONDS * SAMPLE_RATE)
@@ -517,12 +539,14 @@ class TurnSession:
                 self._live.append(turn)
                 self._enqueue(self._started(turn))
             elif action == EAGER_END:
+                self._eager_open = True
                 self._enqueue(self._eager_end(self._require_turn(), pause, upto))
             elif action == RESUME:
+                self._eager_open = False
                 self._enqueue(ready(TurnEvent(RESUME)))
             elif action == END:
-                self._enqueue(self._end(self._require_turn(), pause, upto))
-                self._turn, self._last_end = None, upto
+                self._enqueue(self._end(self._require_turn(), pause, upto, self._eager_open))
+                self._turn, self._last_end, self._eager_open = None, upto, False
 
     def _require_turn(self) -> _Turn:
         assert self._turn is not None, "the detector acted on a turn the session did not open"
@@ -532,6 +556,8 @@ class TurnSession:
         turn = self._turn
         if turn is None or self._update_pending or self.detector.silence > 0:
             return  # a silent frame may begin a pause, whose own decode must not share the CPU with an update
+        if self._eager_open:
+            return  # until the speaker resumes, the text stays as `turn.eager_end` sent it (see `_end`)
         if self._framed - self._last_update_at < self.config.update_interval * SAMPLE_RATE:
             return
         if self.engine.scheduler.depth_at_or_above(Priority.INTERIM) >= self.engine.settings.workers:
@@ -617,9 +643,15 @@ class TurnSession:
         turn.previous = None
         return TurnEvent(EAGER_END, turn.transcript())
 
-    async def _end(self, turn: _Turn, pause: int, upto: int) -> TurnEvent:
+    async def _end(self, turn: _Turn, pause: int, upto: int, after_eager: bool) -> TurnEvent:
+        """`after_eager`: the speaker did not resume after `turn.eager_end`, so the end carries its text
+        verbatim. A sound heard in between, too short to resume the turn, is not transcribed into it: it
+        was most often the soft tail of the last word, which a decode heard as a word again (on a GPU,
+        "…with hope. Than apprehension. In apprehension."), and LiveKit keeps the reply it began at the
+        eager end only when the final text is the identical string."""
         try:
-            await self._send_all(turn, pause, upto)
+            if not after_eager:
+                await self._send_all(turn, pause, upto)
         finally:
             self._live.remove(turn)
         text = turn.transcript()
