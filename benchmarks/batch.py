@@ -106,7 +106,13 @@ class Server:
     """`stenograph serve` on a free loopback port, ready once uvicorn reports startup complete."""
 
     def __init__(
-        self, model_dir: Path, workers: int, cpu_threads: int, beam_size: int, device: str = "cpu"
+        self,
+        model_dir: Path,
+        workers: int,
+        cpu_threads: int,
+        beam_size: int,
+        device: str = "cpu",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.args = [
             "--model-dir",
@@ -123,6 +129,7 @@ class Server:
             "STENOGRAPH_DEVICE": device,
             "STENOGRAPH_COMPUTE_TYPE": COMPUTE_TYPE[device],
             "PYTHONUNBUFFERED": "1",
+            **(env or {}),
         }
         self.restarts = 0
         self._start()

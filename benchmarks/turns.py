@@ -17,6 +17,9 @@ batch API (`POST /stt`, word granularity). Measured:
   conversation (the sentences in turn, 2.5 s of silence after each while the agent replies, streams started
   at random offsets). Per N: `turn.end` and `turn.eager_end` latency after each sentence, the share of
   sentences whose turn ended before the next one began, WER, and the server's CPU time per stream.
+- Comparison (`--compare VAR=A,B`, instead): the latency and pause sessions above, played to one server per
+  value of the setting `VAR`, sentence by sentence in alternating order; per arm the summary, and the median
+  per-sentence difference of each latency against the first arm.
 
 `--ending trimmed` is the protocol of earlier results: each sentence cut 50 ms after Whisper's aligned end of
 its last word, and latency measured from that word end. The alignment puts the end of the last word early (by
@@ -26,6 +29,7 @@ the clipped sentence as unfinished far more often than a whole one.
     python benchmarks/turns.py               # 20 clips (about 8 minutes)
     python benchmarks/turns.py --clips 5     # a quick look
     python benchmarks/turns.py --sweep 1,2,4,6,8 --out benchmarks/results/turns_sweep.json   # ~6 minutes
+    python benchmarks/turns.py --compare STENOGRAPH_TURN_EARLY_SCORE=off,on --out /tmp/ab.json
 """
 
 from __future__ import annotations
@@ -314,88 +318,41 @@ def sweep(
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def sentence_audio(
+    args: argparse.Namespace, vad: SileroVad, clip: Clip, words: list
+) -> tuple[np.ndarray, float]:
+    """The sentence as streamed (`--ending`) and where its speech ends, in seconds."""
+    audio = read_file(str(clip.path))
+    if args.ending == "natural":
+        return audio, end_of_speech(vad, audio)
+    speech_end = words[-1][1]
+    return audio[: int((speech_end + 0.05) * SAMPLE_RATE)], speech_end
+
+
+def latency_session(
+    server: Server, clip: Clip, sentence: np.ndarray, speech_end: float, chunk: float
+) -> LatencySession:
+    """The sentence, then TAIL_SILENCE, in real time: when its turn ends after the end of speech."""
+    full = np.concatenate([silence(LEAD_SILENCE), sentence, silence(TAIL_SILENCE)])
+    events, origin = asyncio.run(run_session(base_url(server), full, realtime=True, chunk=chunk))
+    end_wall = origin + LEAD_SILENCE + speech_end
+    ends = [at - end_wall for at, e in events if e["type"] == "turn.end"]
+    eagers = [at - end_wall for at, e in events if e["type"] == "turn.eager_end" and at >= end_wall]
+    return LatencySession(
+        clip.id,
+        len(ends),
+        ends[-1] if ends else None,
+        eagers[0] if eagers else None,
+        sum(e["type"] == "turn.resume" for _, e in events),
+        "".join(turn_ends(events)),
+        clip.text,
     )
-    parser.add_argument("--clips", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--pauses", type=int, default=3, help="pause sessions per sentence")
-    parser.add_argument("--ending", choices=("natural", "trimmed"), default="natural")
-    parser.add_argument("--chunk-ms", type=int, default=int(CHUNK * 1000), help="audio per message")
-    parser.add_argument("--device", choices=sorted(COMPUTE_TYPE), default="cpu")
-    parser.add_argument("--sweep", default="", help="concurrent sessions, e.g. 1,2,4,8 (capacity only)")
-    parser.add_argument("--sweep-seconds", type=float, default=60.0, help="audio per session per sweep step")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "turns.json"))
-    args = parser.parse_args()
-    clips = [
-        c
-        for c in load_manifest(EVAL)
-        if c.subset in ("librispeech_test_clean", "librispeech_test_other") and 3.0 <= c.duration <= 12.0
-    ][: args.clips]
-    rng = random.Random(args.seed)
-    vad = SileroVad(ROOT / "models" / "silero_vad.onnx")
-    server = Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5, device=args.device)
-    if args.sweep:
-        try:
-            sweep(args, clips, vad, server, rng)
-        finally:
-            server.close()
-        return
-    latency: list[LatencySession] = []
-    pauses: list[PauseSession] = []
-    baseline_lat: dict[str, list[float]] = {str(ms): [] for ms in BASELINE_SILENCE_MS}
-    load_before = os.getloadavg()
-    try:
-        for clip in clips:
-            words = word_times(server, clip)
-            if len(words) < 6:
-                continue
-            audio = read_file(str(clip.path))
-            if args.ending == "natural":
-                sentence, speech_end = audio, end_of_speech(vad, audio)
-            else:
-                speech_end = words[-1][1]
-                sentence = audio[: int((speech_end + 0.05) * SAMPLE_RATE)]
-            full = np.concatenate([silence(LEAD_SILENCE), sentence, silence(TAIL_SILENCE)])
-            events, origin = asyncio.run(
-                run_session(base_url(server), full, realtime=True, chunk=args.chunk_ms / 1000)
-            )
-            end_wall = origin + LEAD_SILENCE + speech_end
-            ends = [at - end_wall for at, e in events if e["type"] == "turn.end"]
-            eagers = [at - end_wall for at, e in events if e["type"] == "turn.eager_end" and at >= end_wall]
-            transcript = "".join(turn_ends(events))
-            latency.append(
-                LatencySession(
-                    clip.id,
-                    len(ends),
-                    ends[-1] if ends else None,
-                    eagers[0] if eagers else None,
-                    sum(e["type"] == "turn.resume" for _, e in events),
-                    transcript,
-                    clip.text,
-                )
-            )
-            for ms in BASELINE_SILENCE_MS:
-                lat = baseline_latency(vad, full, LEAD_SILENCE + speech_end, ms)
-                if lat is not None:
-                    baseline_lat[str(ms)].append(lat)
-            # Different word boundaries in the middle of the sentence (not the first or last two words).
-            baseline = {ms: baseline_turns(vad, full, ms) for ms in BASELINE_SILENCE_MS}
-            for k in rng.sample(range(2, len(words) - 2), min(args.pauses, len(words) - 4)):
-                pauses.append(
-                    pause_session(server, vad, rng, clip.id, sentence, words, k, len(ends), baseline)
-                )
-            print(
-                f"{clip.id}: end {latency[-1].end_latency}, eager {latency[-1].eager_latency}, "
-                f"turns {len(ends)}; pauses -> {[p.turns for p in pauses[-args.pauses :]]} turns",
-                flush=True,
-            )
-    finally:
-        server.close()
+
+
+def summarize(latency: list[LatencySession], pauses: list[PauseSession]) -> dict[str, object]:
     end_lat = [s.end_latency for s in latency if s.end_latency is not None]
     eager_lat = [s.eager_latency for s in latency if s.eager_latency is not None]
-    summary = {
+    return {
         "end_p50": pct(end_lat, 50),
         "end_p95": pct(end_lat, 95),
         "eager_end_p50": pct(eager_lat, 50),
@@ -407,6 +364,41 @@ def main() -> None:
         "pause_sessions": len(pauses),
         "false_cutoff_rate": statistics.fmean(p.cut_off for p in pauses) if pauses else None,
         "wer": corpus_wer([(s.reference, s.transcript) for s in latency]),
+    }
+
+
+def measure(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: random.Random) -> None:
+    server = Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5, device=args.device)
+    latency: list[LatencySession] = []
+    pauses: list[PauseSession] = []
+    baseline_lat: dict[str, list[float]] = {str(ms): [] for ms in BASELINE_SILENCE_MS}
+    load_before = os.getloadavg()
+    try:
+        for clip in clips:
+            words = word_times(server, clip)
+            if len(words) < 6:
+                continue
+            sentence, speech_end = sentence_audio(args, vad, clip, words)
+            latency.append(latency_session(server, clip, sentence, speech_end, args.chunk_ms / 1000))
+            full = np.concatenate([silence(LEAD_SILENCE), sentence, silence(TAIL_SILENCE)])
+            for ms in BASELINE_SILENCE_MS:
+                lat = baseline_latency(vad, full, LEAD_SILENCE + speech_end, ms)
+                if lat is not None:
+                    baseline_lat[str(ms)].append(lat)
+            # Different word boundaries in the middle of the sentence (not the first or last two words).
+            baseline = {ms: baseline_turns(vad, full, ms) for ms in BASELINE_SILENCE_MS}
+            turns = latency[-1].turns
+            for k in rng.sample(range(2, len(words) - 2), min(args.pauses, len(words) - 4)):
+                pauses.append(pause_session(server, vad, rng, clip.id, sentence, words, k, turns, baseline))
+            print(
+                f"{clip.id}: end {latency[-1].end_latency}, eager {latency[-1].eager_latency}, "
+                f"turns {turns}; pauses -> {[p.turns for p in pauses[-args.pauses :]]} turns",
+                flush=True,
+            )
+    finally:
+        server.close()
+    summary = {
+        **summarize(latency, pauses),
         "baseline": {
             f"silence_{ms}ms": {
                 "false_cutoff_rate": statistics.fmean(p.baseline_cut_off[str(ms)] for p in pauses),
@@ -425,6 +417,109 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
+
+
+def compare(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: random.Random) -> None:
+    """`--compare VAR=A,B`: one server per value, each sentence (and each paused copy, at the same place
+    with the same pause) played to every server in turn, the order alternating from sentence to sentence,
+    so that a difference between the arms is not the machine's load drifting between two runs."""
+    var, _, values = args.compare.partition("=")
+    arms = {f"{var}={v}": {var: v} for v in values.split(",")}
+    servers = {
+        name: Server(ROOT / "models", 2, 1, 5, device=args.device, env=env) for name, env in arms.items()
+    }
+    latency: dict[str, list[LatencySession]] = {name: [] for name in arms}
+    pauses: dict[str, list[PauseSession]] = {name: [] for name in arms}
+    load_before = os.getloadavg()
+    try:
+        for i, clip in enumerate(clips):
+            words = word_times(next(iter(servers.values())), clip)
+            if len(words) < 6:
+                continue
+            sentence, speech_end = sentence_audio(args, vad, clip, words)
+            full = np.concatenate([silence(LEAD_SILENCE), sentence, silence(TAIL_SILENCE)])
+            baseline = {ms: baseline_turns(vad, full, ms) for ms in BASELINE_SILENCE_MS}
+            places = [
+                (k, rng.random())
+                for k in rng.sample(range(2, len(words) - 2), min(args.pauses, len(words) - 4))
+            ]
+            for name in list(arms) if i % 2 == 0 else list(arms)[::-1]:
+                server = servers[name]
+                latency[name].append(
+                    latency_session(server, clip, sentence, speech_end, args.chunk_ms / 1000)
+                )
+                turns = latency[name][-1].turns
+                for k, seed in places:
+                    pause = pause_session(
+                        server, vad, random.Random(seed), clip.id, sentence, words, k, turns, baseline
+                    )
+                    pauses[name].append(pause)
+            print(
+                clip.id,
+                "  ".join(f"{name}: end {latency[name][-1].end_latency}" for name in arms),
+                flush=True,
+            )
+    finally:
+        for server in servers.values():
+            server.close()
+    summaries = {name: summarize(latency[name], pauses[name]) for name in arms}
+    first, *others = arms
+    paired = {}
+    for name in others:
+        for key in ("end_latency", "eager_latency"):
+            deltas = [
+                getattr(b, key) - getattr(a, key)
+                for a, b in zip(latency[first], latency[name], strict=True)
+                if getattr(a, key) is not None and getattr(b, key) is not None
+            ]
+            paired[f"{name} - {first}, {key}, median"] = statistics.median(deltas) if deltas else None
+    report = {
+        **header(args, load_before),
+        "ending": args.ending,
+        "compare": arms,
+        "summaries": summaries,
+        "paired": paired,
+        "latency_sessions": {name: [asdict(s) for s in latency[name]] for name in arms},
+        "pause_sessions": {name: [asdict(p) for p in pauses[name]] for name in arms},
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"summaries": summaries, "paired": paired}, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clips", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--pauses", type=int, default=3, help="pause sessions per sentence")
+    parser.add_argument("--ending", choices=("natural", "trimmed"), default="natural")
+    parser.add_argument("--chunk-ms", type=int, default=int(CHUNK * 1000), help="audio per message")
+    parser.add_argument("--device", choices=sorted(COMPUTE_TYPE), default="cpu")
+    parser.add_argument("--sweep", default="", help="concurrent sessions, e.g. 1,2,4,8 (capacity only)")
+    parser.add_argument("--sweep-seconds", type=float, default=60.0, help="audio per session per sweep step")
+    parser.add_argument(
+        "--compare", default="", help="interleaved A/B of a setting, e.g. STENOGRAPH_TURN_EARLY_SCORE=off,on"
+    )
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "turns.json"))
+    args = parser.parse_args()
+    clips = [
+        c
+        for c in load_manifest(EVAL)
+        if c.subset in ("librispeech_test_clean", "librispeech_test_other") and 3.0 <= c.duration <= 12.0
+    ][: args.clips]
+    rng = random.Random(args.seed)
+    vad = SileroVad(ROOT / "models" / "silero_vad.onnx")
+    if args.compare:
+        compare(args, clips, vad, rng)
+    elif args.sweep:
+        server = Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5, device=args.device)
+        try:
+            sweep(args, clips, vad, server, rng)
+        finally:
+            server.close()
+    else:
+        measure(args, clips, vad, rng)
 
 
 if __name__ == "__main__":
