@@ -53,12 +53,12 @@ synchronous; `TurnSession` feeds it and does the decoding.
 
 **Transcripts are never revised.** Within a turn, text goes out only once it is stable: the words on which two
 successive decodes agree, less the last one. Later decodes keep the sent words verbatim and contribute only
-what follows them (by position when they agree with them, else by word time), so text can only be extended;
-at a pause the whole decode goes out with `turn.eager_end` / `turn.end`. Events are a FIFO of coroutines
-run one at a time by the sender, so text state changes in wire order; a pause's decode runs beside an update
-in flight and is spliced onto the sent text only when its event goes out. A turn's transcript starts with a
-space when an earlier turn carried text, so the session transcript is the plain concatenation of the
-`turn.end` transcripts.
+what follows them (by position when they agree with them, else by word time), so text can only be extended; at
+a pause the whole decode goes out with `turn.eager_end` / `turn.end`, and a `turn.end` after `turn.eager_end`
+with no `turn.resume` repeats its text (see `_end`). Events are a FIFO of coroutines run one at a time by the
+sender, so text state changes in wire order; a pause's decode runs beside an update in flight and is spliced
+onto the sent text only when its event goes out. A turn's transcript starts with a space when an earlier turn
+carried text, so the session transcript is the plain concatenation of the `turn.end` transcripts.
 """
 
 from __future__ import annotations
