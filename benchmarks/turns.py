@@ -329,11 +329,15 @@ def sentence_audio(
     return audio[: int((speech_end + 0.05) * SAMPLE_RATE)], speech_end
 
 
+def streamed(sentence: np.ndarray) -> np.ndarray:
+    """What a latency session sends: LEAD_SILENCE, the sentence, TAIL_SILENCE."""
+    return np.concatenate([silence(LEAD_SILENCE), sentence, silence(TAIL_SILENCE)])
+
+
 def latency_session(
-    server: Server, clip: Clip, sentence: np.ndarray, speech_end: float, chunk: float
+    server: Server, clip: Clip, full: np.ndarray, speech_end: float, chunk: float
 ) -> LatencySession:
-    """The sentence, then TAIL_SILENCE, in real time: when its turn ends after the end of speech."""
-    full = np.concatenate([silence(LEAD_SILENCE), sentence, silence(TAIL_SILENCE)])
+    """`full` (see `streamed`) in real time: when its turn ends after the end of speech."""
     events, origin = asyncio.run(run_session(base_url(server), full, realtime=True, chunk=chunk))
     end_wall = origin + LEAD_SILENCE + speech_end
     ends = [at - end_wall for at, e in events if e["type"] == "turn.end"]
@@ -379,8 +383,8 @@ def measure(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
             if len(words) < 6:
                 continue
             sentence, speech_end = sentence_audio(args, vad, clip, words)
-            latency.append(latency_session(server, clip, sentence, speech_end, args.chunk_ms / 1000))
-            full = np.concatenate([silence(LEAD_SILENCE), sentence, silence(TAIL_SILENCE)])
+            full = streamed(sentence)
+            latency.append(latency_session(server, clip, full, speech_end, args.chunk_ms / 1000))
             for ms in BASELINE_SILENCE_MS:
                 lat = baseline_latency(vad, full, LEAD_SILENCE + speech_end, ms)
                 if lat is not None:
@@ -426,7 +430,8 @@ def compare(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
     var, _, values = args.compare.partition("=")
     arms = {f"{var}={v}": {var: v} for v in values.split(",")}
     servers = {
-        name: Server(ROOT / "models", 2, 1, 5, device=args.device, env=env) for name, env in arms.items()
+        name: Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5, device=args.device, env=env)
+        for name, env in arms.items()
     }
     latency: dict[str, list[LatencySession]] = {name: [] for name in arms}
     pauses: dict[str, list[PauseSession]] = {name: [] for name in arms}
@@ -437,7 +442,7 @@ def compare(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
             if len(words) < 6:
                 continue
             sentence, speech_end = sentence_audio(args, vad, clip, words)
-            full = np.concatenate([silence(LEAD_SILENCE), sentence, silence(TAIL_SILENCE)])
+            full = streamed(sentence)
             baseline = {ms: baseline_turns(vad, full, ms) for ms in BASELINE_SILENCE_MS}
             places = [
                 (k, rng.random())
@@ -445,9 +450,7 @@ def compare(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
             ]
             for name in list(arms) if i % 2 == 0 else list(arms)[::-1]:
                 server = servers[name]
-                latency[name].append(
-                    latency_session(server, clip, sentence, speech_end, args.chunk_ms / 1000)
-                )
+                latency[name].append(latency_session(server, clip, full, speech_end, args.chunk_ms / 1000))
                 turns = latency[name][-1].turns
                 for k, seed in places:
                     pause = pause_session(

@@ -187,12 +187,13 @@ class IllegalTransition(RuntimeError):
 @dataclass
 class TurnStateMachine:
     state: TurnState = TurnState.IDLE
+    previous: TurnState = TurnState.IDLE  # the state the last event left
 
     def apply(self, event: str) -> TurnState:
         nxt = TRANSITIONS.get((self.state, event))
         if nxt is None:
             raise IllegalTransition(f"{event} is not allowed in state {self.state.value}")
-        self.state = nxt
+        self.previous, self.state = self.state, nxt
         return nxt
 
 
@@ -443,7 +444,6 @@ class TurnSession:
         self._last_update_at = 0
         self._update_pending = False
         self._early: _Early | None = None
-        self._eager_open = False  # a `turn.eager_end` was decided and no `turn.resume` since (frame side)
         self._last_speech = 0  # absolute sample index after the last speech frame
         self._said_anything = False  # has any turn.end carried text (output side)?
         self._last_speech_at = time.monotonic()
@@ -539,14 +539,13 @@ class TurnSession:
                 self._live.append(turn)
                 self._enqueue(self._started(turn))
             elif action == EAGER_END:
-                self._eager_open = True
                 self._enqueue(self._eager_end(self._require_turn(), pause, upto))
             elif action == RESUME:
-                self._eager_open = False
                 self._enqueue(ready(TurnEvent(RESUME)))
-            elif action == END:
-                self._enqueue(self._end(self._require_turn(), pause, upto, self._eager_open))
-                self._turn, self._last_end, self._eager_open = None, upto, False
+            elif action == END:  # always the last action: the machine's previous state is the one it ended
+                after_eager = self.detector.machine.previous is TurnState.EAGER_ENDED
+                self._enqueue(self._end(self._require_turn(), pause, upto, after_eager))
+                self._turn, self._last_end = None, upto
 
     def _require_turn(self) -> _Turn:
         assert self._turn is not None, "the detector acted on a turn the session did not open"
@@ -556,7 +555,7 @@ class TurnSession:
         turn = self._turn
         if turn is None or self._update_pending or self.detector.silence > 0:
             return  # a silent frame may begin a pause, whose own decode must not share the CPU with an update
-        if self._eager_open:
+        if self.detector.state is TurnState.EAGER_ENDED:
             return  # until the speaker resumes, the text stays as `turn.eager_end` sent it (see `_end`)
         if self._framed - self._last_update_at < self.config.update_interval * SAMPLE_RATE:
             return
