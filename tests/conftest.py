@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stenograph.audio import encode_pcm
+from stenograph.audio import SAMPLE_RATE, encode_pcm, read_file
+from stenograph.vad import SileroVad, speech_regions
 from stenograph.wer import Clip, load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +97,28 @@ def clips() -> list[Clip]:
 def pick(clips: list[Clip], subset: str, n: int, max_duration: float = 20.0) -> list[Clip]:
     chosen = [c for c in clips if c.subset == subset and c.duration <= max_duration]
     return chosen[:n]
+
+
+@pytest.fixture(scope="session")
+def vad() -> SileroVad:
+    return SileroVad(MODEL_DIR / "silero_vad.onnx")
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32)
+
+
+def one_phrase_clips(clips: list[Clip], vad: SileroVad, n: int) -> list[tuple[Clip, np.ndarray]]:
+    """Sentences spoken without an inner pause (one VAD region), so each is exactly one turn."""
+    chosen = []
+    for clip in pick(clips, "librispeech_test_clean", 25, max_duration=9.0):
+        audio = read_file(str(clip.path))
+        if len(speech_regions(vad.speech_probabilities(audio), min_silence_frames=8)) == 1:
+            chosen.append((clip, audio))
+        if len(chosen) == n:
+            break
+    assert len(chosen) == n, "not enough single-phrase clips in the eval set"
+    return chosen
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:

@@ -23,7 +23,7 @@ from websockets.asyncio.client import ClientConnection
 from stenograph import client
 from stenograph.audio import ENCODINGS, SAMPLE_RATE, read_file
 from stenograph.wer import Clip, corpus_wer, wer
-from tests.conftest import API_KEY, pick, start_server, stop_server
+from tests.conftest import API_KEY, pick, silence, start_server, stop_server
 
 PARAMS = {"model": "ink-whisper", "encoding": "pcm_s16le", "sample_rate": SAMPLE_RATE, "language": "en"}
 ERROR_FIELDS = {"type", "title", "message", "error_code", "status_code", "code", "request_id"}
@@ -33,10 +33,6 @@ FAST = 12.0  # times real time for "fast" pacing: well above real time, yet the 
 @functools.cache
 def audio_of(clip: Clip) -> np.ndarray:
     return read_file(str(clip.path))
-
-
-def silence(seconds: float) -> np.ndarray:
-    return np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32)
 
 
 async def open_session(base_url: str, **overrides: Any) -> ClientConnection:

@@ -20,34 +20,11 @@ from stenograph.audio import encode_pcm, read_file
 from stenograph.config import Settings
 from stenograph.turn_routes import TurnStream
 from stenograph.turns import TurnStateMachine
-from stenograph.vad import SileroVad, speech_regions
 from stenograph.wer import corpus_wer
-from tests.conftest import API_KEY, MODEL_DIR, pick
+from tests.conftest import API_KEY, MODEL_DIR, one_phrase_clips, pick, silence
 
 RATE = 16000
 CHUNK = 1600  # 100 ms
-
-
-def silence(seconds: float) -> np.ndarray:
-    return np.zeros(int(seconds * RATE), dtype=np.float32)
-
-
-@pytest.fixture(scope="module")
-def vad() -> SileroVad:
-    return SileroVad(MODEL_DIR / "silero_vad.onnx")
-
-
-def one_phrase_clips(clips, vad: SileroVad, n: int) -> list:
-    """Sentences spoken without an inner pause (one VAD region), so each is exactly one turn."""
-    chosen = []
-    for clip in pick(clips, "librispeech_test_clean", 25, max_duration=9.0):
-        audio = read_file(str(clip.path))
-        if len(speech_regions(vad.speech_probabilities(audio), min_silence_frames=8)) == 1:
-            chosen.append((clip, audio))
-        if len(chosen) == n:
-            break
-    assert len(chosen) == n, "not enough single-phrase clips in the eval set"
-    return chosen
 
 
 async def stream(ws, audio: np.ndarray, speed: float | None, commands: dict[int, dict] | None = None) -> None:
