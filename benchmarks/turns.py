@@ -405,7 +405,9 @@ def measure(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
         **summarize(latency, pauses),
         "baseline": {
             f"silence_{ms}ms": {
-                "false_cutoff_rate": statistics.fmean(p.baseline_cut_off[str(ms)] for p in pauses),
+                "false_cutoff_rate": (
+                    statistics.fmean(p.baseline_cut_off[str(ms)] for p in pauses) if pauses else None
+                ),
                 "decision_latency_p50": pct(baseline_lat[str(ms)], 50),
             }
             for ms in BASELINE_SILENCE_MS
