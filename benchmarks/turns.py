@@ -334,6 +334,17 @@ def streamed(sentence: np.ndarray) -> np.ndarray:
     return np.concatenate([silence(LEAD_SILENCE), sentence, silence(TAIL_SILENCE)])
 
 
+def bench_server(args: argparse.Namespace, env: dict[str, str] | None = None) -> Server:
+    """The server every mode measures: the default model workers and threads, `--device`, `env` on top."""
+    return Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5, device=args.device, env=env)
+
+
+def pause_places(rng: random.Random, words: list, pauses: int) -> list[int]:
+    """Word boundaries in the middle of the sentence (not the first or last two words) for `pauses`
+    inserted pauses, each at a different one."""
+    return rng.sample(range(2, len(words) - 2), min(pauses, len(words) - 4))
+
+
 def latency_session(
     server: Server, clip: Clip, full: np.ndarray, speech_end: float, chunk: float
 ) -> LatencySession:
@@ -372,7 +383,7 @@ def summarize(latency: list[LatencySession], pauses: list[PauseSession]) -> dict
 
 
 def measure(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: random.Random) -> None:
-    server = Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5, device=args.device)
+    server = bench_server(args)
     latency: list[LatencySession] = []
     pauses: list[PauseSession] = []
     baseline_lat: dict[str, list[float]] = {str(ms): [] for ms in BASELINE_SILENCE_MS}
@@ -389,10 +400,9 @@ def measure(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
                 lat = baseline_latency(vad, full, LEAD_SILENCE + speech_end, ms)
                 if lat is not None:
                     baseline_lat[str(ms)].append(lat)
-            # Different word boundaries in the middle of the sentence (not the first or last two words).
             baseline = {ms: baseline_turns(vad, full, ms) for ms in BASELINE_SILENCE_MS}
             turns = latency[-1].turns
-            for k in rng.sample(range(2, len(words) - 2), min(args.pauses, len(words) - 4)):
+            for k in pause_places(rng, words, args.pauses):
                 pauses.append(pause_session(server, vad, rng, clip.id, sentence, words, k, turns, baseline))
             print(
                 f"{clip.id}: end {latency[-1].end_latency}, eager {latency[-1].eager_latency}, "
@@ -431,10 +441,7 @@ def compare(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
     so that a difference between the arms is not the machine's load drifting between two runs."""
     var, _, values = args.compare.partition("=")
     arms = {f"{var}={v}": {var: v} for v in values.split(",")}
-    servers = {
-        name: Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5, device=args.device, env=env)
-        for name, env in arms.items()
-    }
+    servers = {name: bench_server(args, env) for name, env in arms.items()}
     latency: dict[str, list[LatencySession]] = {name: [] for name in arms}
     pauses: dict[str, list[PauseSession]] = {name: [] for name in arms}
     load_before = os.getloadavg()
@@ -446,10 +453,7 @@ def compare(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
             sentence, speech_end = sentence_audio(args, vad, clip, words)
             full = streamed(sentence)
             baseline = {ms: baseline_turns(vad, full, ms) for ms in BASELINE_SILENCE_MS}
-            places = [
-                (k, rng.random())
-                for k in rng.sample(range(2, len(words) - 2), min(args.pauses, len(words) - 4))
-            ]
+            places = [(k, rng.random()) for k in pause_places(rng, words, args.pauses)]
             for name in list(arms) if i % 2 == 0 else list(arms)[::-1]:
                 server = servers[name]
                 latency[name].append(latency_session(server, clip, full, speech_end, args.chunk_ms / 1000))
@@ -518,7 +522,7 @@ def main() -> None:
     if args.compare:
         compare(args, clips, vad, rng)
     elif args.sweep:
-        server = Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5, device=args.device)
+        server = bench_server(args)
         try:
             sweep(args, clips, vad, server, rng)
         finally:
