@@ -205,3 +205,25 @@ def test_both_tokenizers_encode_words_as_whisper_writes_them(base: Recognizer, t
         tokens = tokenizer.encode(" in the air of triumph that the")
         pieces = [tokenizer.decode([t]) for t in tokens]
         assert pieces == [" in", " the", " air", " of", " triumph", " that", " the"], rec.spec.name
+
+
+def test_words_are_the_texts_space_separated_words() -> None:
+    """faster-whisper splits at punctuation tokens too ("twenty", "-five"); words that follow without a space
+    join the word before, so words joined with spaces give the text back. Not where words have no spaces."""
+    aligned = [
+        (" It", 0.0, 0.2),
+        (" was", 0.2, 0.4),
+        (" twenty", 0.4, 0.8),
+        ("-five", 0.8, 1.2),
+        (" years.", 1.3, 1.9),
+    ]
+    words = asr._words(aligned, 10.0, spaced=True)
+    assert [(w.word, w.start, w.end) for w in words] == [
+        ("It", 10.0, 10.2),
+        ("was", 10.2, 10.4),
+        ("twenty-five", 10.4, 11.2),
+        ("years.", 11.3, 11.9),
+    ]
+    assert " ".join(w.word for w in words) == "".join(raw for raw, _, _ in aligned).strip()
+    characters = [("今", 0.0, 0.2), ("天", 0.2, 0.4)]
+    assert [w.word for w in asr._words(characters, 0.0, spaced=False)] == ["今", "天"]

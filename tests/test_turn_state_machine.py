@@ -692,33 +692,6 @@ def test_extend_sent_keeps_sent_words_verbatim() -> None:
     ]
 
 
-class HyphenRecognizer(FakeRecognizer):
-    """The fake words, every odd-numbered one written onto the word before it ("w4-w5"), as Whisper writes
-    "twenty-five", which its alignment splits into "twenty" and "-five"."""
-
-    def decode_utterance(self, audio, *args, **kwargs):
-        result = super().decode_utterance(audio, *args, **kwargs)
-        glued = [int(w.word.rstrip("?")[1:]) % 2 == 1 for w in result.words]
-        words = [
-            Word("-" + w.word if g else w.word, w.start, w.end)
-            for w, g in zip(result.words, glued, strict=True)
-        ]
-        text = "".join(w.word if g else " " + w.word for w, g in zip(words, glued, strict=True))
-        return Transcription(text, words)
-
-
-def test_session_keeps_whispers_spacing_inside_hyphenated_words_with_fake_models() -> None:
-    """Turn transcripts are built from aligned words, but spaced as Whisper wrote them: "w4-w5", never
-    "w4 -w5", across updates, tail decodes and the pause decode alike."""
-    script = [(0.0, 0.0, 20), (0.99, 0.0, 160), (0.0, 0.95, 40)]
-    events = asyncio.run(run_session(fake_audio(script), 512, [], recognizer=HyphenRecognizer()))
-    ((_, text),) = [(k, t) for k, t in events if k == "turn.end"]
-    assert text and " -" not in text and text.count("-") >= 5, text
-    pieces = [w.rstrip("?") for part in text.split() for w in part.split("-")]
-    ids = [int(w[1:]) for w in pieces]
-    assert ids == list(range(ids[0], ids[0] + len(ids))), text
-
-
 class SentenceRecognizer(FakeRecognizer):
     """The fake words, always ending a sentence; counts the pause decodes."""
 

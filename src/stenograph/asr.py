@@ -69,6 +69,8 @@ LOG_PROB_THRESHOLD = -1.0
 PREPEND_PUNCTUATION = "\"'“¿([{-"
 APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 SENTENCE_ENDS = (".", "?", "!")
+# Languages whose words faster-whisper splits by character rather than at spaces.
+UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ class Recognizer:
         if first is None:
             return Transcription("", [])
         aligned = ((w.word, w.start, w.end) for w in first.words or ())
-        return Transcription(first.text, _words(aligned, offset))
+        return Transcription(first.text, _words(aligned, offset, language not in UNSPACED_LANGUAGES))
 
     def decode_utterance(
         self,
@@ -283,7 +285,8 @@ class Recognizer:
             )
             if segment["start"] == segment["end"]:  # words aligned to no audio at all: nothing was heard
                 return Transcription("", [])
-            words = _words(((w["word"], w["start"], w["end"]) for w in segment["words"]), offset)
+            aligned = ((w["word"], w["start"], w["end"]) for w in segment["words"])
+            words = _words(aligned, offset, window.tokenizer.language_code not in UNSPACED_LANGUAGES)
         end = None if window.logits is None else _end_probability(window.tokenizer, tokens, window.logits)
         return Transcription(text, words, get_compression_ratio(text.strip()), end)
 
@@ -349,9 +352,23 @@ def _end_probability(tokenizer: Tokenizer, tokens: list[int], logits: list[ctran
     return float(p[ids].sum() / p.sum())
 
 
-def _words(aligned: Iterable[tuple[str, float, float]], offset: float) -> list[Word]:
-    """faster-whisper's aligned (word, start, end), shifted into the caller's audio; blank words dropped."""
-    return [Word(word.strip(), offset + start, offset + end) for word, start, end in aligned if word.strip()]
+def _words(aligned: Iterable[tuple[str, float, float]], offset: float, spaced: bool) -> list[Word]:
+    """faster-whisper's aligned (word, start, end), shifted into the caller's audio; blank words dropped.
+
+    In languages written with spaces (`spaced`), a piece that follows the word before it without a space joins
+    it: faster-whisper also splits at punctuation tokens, so "twenty-five" came as "twenty" and "-five", and a
+    transcript or caption built from the words read "twenty -five". The words are the text's space-separated
+    words, as in the API's examples ("noon.")."""
+    words: list[Word] = []
+    for raw, start, end in aligned:
+        word = raw.strip()
+        if not word:
+            continue
+        if spaced and words and not raw[:1].isspace():
+            words[-1] = Word(words[-1].word + word, words[-1].start, offset + end)
+        else:
+            words.append(Word(word, offset + start, offset + end))
+    return words
 
 
 def _loop_cut(tokenizer: Tokenizer, tokens: list[int]) -> int | None:

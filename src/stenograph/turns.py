@@ -377,8 +377,7 @@ class _Turn:
 
 
 Item = Coroutine[Any, Any, TurnEvent | None]
-# (word with the space before it, if any; start sample, end sample), absolute sample indices
-Timed = list[tuple[str, int, int]]
+Timed = list[tuple[str, int, int]]  # (word, start sample, end sample), absolute sample indices
 
 
 @dataclass(frozen=True)
@@ -758,11 +757,9 @@ class TurnSession:
 
         result: Transcription = await self.engine.scheduler.run(job, priority, stale)
         words = [
-            (word, start + int(w.start * SAMPLE_RATE), start + int(w.end * SAMPLE_RATE))
-            for word, w in zip(
-                _spaced(result.text, [w.word for w in result.words]), result.words, strict=True
-            )
-        ] or [(" " + word, end, end) for word in result.text.split()]
+            (w.word, start + int(w.start * SAMPLE_RATE), start + int(w.end * SAMPLE_RATE))
+            for w in result.words
+        ] or [(word, end, end) for word in result.text.split()]
         return replace(heard, words=words, end_probability=result.end_probability)
 
     @staticmethod
@@ -821,20 +818,7 @@ def _after_ending(opening: list[str], heard: list[str], decoded: Timed, sent_end
 
 
 def _text(words: Timed) -> str:
-    return "".join(w for w, _, _ in words).strip()
-
-
-def _spaced(text: str, words: list[str]) -> list[str]:
-    """Each aligned word with the space that precedes it in the decoded text, so that the transcript keeps
-    Whisper's spacing: "twenty-five" is aligned as "twenty" and "-five", and joined with spaces it read
-    "twenty -five"."""
-    spaced, pos = [], 0
-    for word in words:
-        at = text.find(word, pos)
-        glued = bool(spaced) and at > 0 and not text[at - 1].isspace()
-        spaced.append(word if glued else " " + word)
-        pos = at + len(word) if at >= 0 else pos
-    return spaced
+    return " ".join(w for w, _, _ in words)
 
 
 def _join(*parts: str) -> str:
