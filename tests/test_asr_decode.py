@@ -20,10 +20,19 @@ from tests.conftest import MODEL_DIR, silence
 EVAL_CLIP = "audio/librispeech_test_clean/1089-134686-0002.flac"  # "... the squalid quarter of the brothels"
 
 
+def catalogue_recognizer(name: str) -> Recognizer:
+    settings = Settings(model_dir=MODEL_DIR, workers=1, cpu_threads=1)
+    return Recognizer(ModelSpec(name, MODEL_DIR / name, catalogued=True), settings)
+
+
 @pytest.fixture(scope="module")
 def base() -> Recognizer:
-    settings = Settings(model_dir=MODEL_DIR, workers=1, cpu_threads=1)
-    return Recognizer(ModelSpec("whisper-base", MODEL_DIR / "whisper-base", catalogued=True), settings)
+    return catalogue_recognizer("whisper-base")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Recognizer:
+    return catalogue_recognizer("whisper-tiny.en")
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +145,6 @@ def test_long_utterances_get_less_encoder_padding(base: Recognizer, clips, monke
     ((frames, window),) = windows
     assert window == frames + asr.SHORT_WINDOW_MIN_PAD_FRAMES
     assert corpus_wer([(clip.text, result.text)]) < 0.1, result.text
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Recognizer:
-    settings = Settings(model_dir=MODEL_DIR, workers=1, cpu_threads=1)
-    return Recognizer(ModelSpec("whisper-tiny.en", MODEL_DIR / "whisper-tiny.en", catalogued=True), settings)
 
 
 def test_loop_cut_keeps_what_precedes_the_window_starting_over(tiny: Recognizer) -> None:

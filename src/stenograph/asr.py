@@ -84,7 +84,6 @@ class Word:
 class Transcription:
     text: str  # verbatim model text: segments joined, each with its own leading space
     words: list[Word]
-    compression_ratio: float = 1.0
     # Whisper's probability that a sentence ends after the last word; only when asked for (turn detection).
     end_probability: float | None = None
 
@@ -206,13 +205,10 @@ class Recognizer:
             suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
             word_timestamps=word_timestamps,
             end_probability=end_probability and beam_size == 1,  # beam search returns no logits
+            seconds=audio.size / SAMPLE_RATE,
         )
         features = self.model.feature_extractor(audio)
-        short = short_window(features.shape[-1])
-        result = self._decode_window(features, short, tokenizer, request, offset)
-        if short < FULL_WINDOW_FRAMES and _looks_degenerate(result, audio.size / 16000):
-            result = self._decode_window(features, FULL_WINDOW_FRAMES, tokenizer, request, offset)
-        return result
+        return self._decode_window(features, short_window(features.shape[-1]), tokenizer, request, offset)
 
     def _prompt(
         self, tokenizer: Tokenizer, prompt: str | None, prefix: str | None, hotwords: str | None
@@ -229,8 +225,8 @@ class Recognizer:
         is one segment and decoding stops there: faster-whisper's own loop would seek to the last word's end
         and decode the trailing pause in a fresh 30 s window, which costs a full encoder pass and is where
         "you" and "Thank you." hallucinations come from. A short window's output that looks like a loop is
-        cut off where the loop began when what precedes it covers the audio (see LOOP_CUT_SLACK), and is
-        otherwise left for the caller to decode again in the full window."""
+        cut off where the loop began when what precedes it covers the audio (see LOOP_CUT_SLACK), and else
+        decoded again in the full window."""
         encoder_output = self.model.encode(pad_or_trim(features[:, :FULL_WINDOW_FRAMES], window))
         result = self.model.model.generate(
             encoder_output,
@@ -250,18 +246,19 @@ class Recognizer:
         if silent or not text.strip():
             return Transcription("", [])
         frames = min(FULL_WINDOW_FRAMES, features.shape[-1] - 1)
-        seconds = frames * self.model.feature_extractor.time_per_frame
         encoded = _Window(
             tokenizer, encoder_output, frames, result.logits[0] if request.end_probability else None
         )
-        looped = window < FULL_WINDOW_FRAMES and _looks_degenerate(
-            Transcription(text, [], get_compression_ratio(text.strip())), seconds
-        )
-        cut = _loop_cut(tokenizer, tokens) if looped and request.word_timestamps else None
-        if cut is not None:
-            before = self._transcription(encoded, tokens[:cut], request.word_timestamps, offset)
-            if before.words and before.words[-1].end - offset >= seconds - LOOP_CUT_SLACK:
-                return before
+        if window < FULL_WINDOW_FRAMES and _looks_degenerate(text, request.seconds):
+            cut = _loop_cut(tokenizer, tokens) if request.word_timestamps else None
+            if cut is not None:
+                before = self._transcription(encoded, tokens[:cut], request.word_timestamps, offset)
+                covers = (
+                    bool(before.words) and before.words[-1].end - offset >= request.seconds - LOOP_CUT_SLACK
+                )
+                if covers and not _looks_degenerate(before.text, request.seconds):
+                    return before
+            return self._decode_window(features, FULL_WINDOW_FRAMES, tokenizer, request, offset)
         return self._transcription(encoded, tokens, request.word_timestamps, offset)
 
     def _transcription(
@@ -288,7 +285,7 @@ class Recognizer:
             aligned = ((w["word"], w["start"], w["end"]) for w in segment["words"])
             words = _words(aligned, offset, window.tokenizer.language_code not in UNSPACED_LANGUAGES)
         end = None if window.logits is None else _end_probability(window.tokenizer, tokens, window.logits)
-        return Transcription(text, words, get_compression_ratio(text.strip()), end)
+        return Transcription(text, words, end)
 
 
 @dataclass(frozen=True)
@@ -311,6 +308,7 @@ class _Request:
     suppress_tokens: list[int]
     word_timestamps: bool
     end_probability: bool
+    seconds: float  # of audio, without the window's padding
 
 
 def repaired(tokenizer: BpeTokenizer) -> BpeTokenizer:
@@ -394,11 +392,11 @@ def _loop_cut(tokenizer: Tokenizer, tokens: list[int]) -> int | None:
     return None
 
 
-def _looks_degenerate(result: Transcription, seconds: float) -> bool:
+def _looks_degenerate(text: str, seconds: float) -> bool:
     """Signs of a decoder loop: repetitive text, more words than anyone speaks, or a phrase said twice."""
-    if result.compression_ratio > MAX_COMPRESSION_RATIO:
+    if get_compression_ratio(text.strip()) > MAX_COMPRESSION_RATIO:
         return True
-    words = [w.lower().strip(".,!?;:") for w in result.text.split()]
+    words = [w.lower().strip(".,!?;:") for w in text.split()]
     if len(words) > MAX_WORDS_PER_SECOND * max(seconds, 1.0):
         return True
     grams = [
