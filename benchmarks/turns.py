@@ -7,10 +7,10 @@ batch API (`POST /stt`, word granularity). Measured:
   in real time in 100 ms chunks (`--chunk-ms`), as a microphone would deliver them (a chunk leaves when its
   last sample has been recorded). Latency is from the end of speech (`end_of_speech`) to the arrival of
   the turn's `turn.end`, and of its first `turn.eager_end` when there is one.
-- False cut-offs: the same sentences with a 300-800 ms pause inserted at a word boundary in the middle
-  (`--pauses` per sentence, at different places). A cut-off is a session with more turns than the same
-  sentence without the pause. Turn decisions follow the audio, not the clock, so these sessions are sent as
-  fast as the server takes them.
+- False cut-offs: the same sentences with a 300-800 ms pause (`--pause-ms`) inserted at a word boundary in
+  the middle (`--pauses` per sentence, at different places). A cut-off is a session with more turns than the
+  same sentence without the pause. Turn decisions follow the audio, not the clock, so these sessions are sent
+  as fast as the server takes them.
 - Baseline: plain silence endpointing on the same Silero VAD (a turn ends after N ms below 0.5), on the same
   audio: its false cut-off rate, and its decision latency (audio time, before any transcription).
 - Capacity (`--sweep`, instead of the above): N concurrent real-time sessions, each one user's side of a
@@ -257,17 +257,16 @@ def pct(values: list[float], q: float) -> float | None:
 def pause_session(
     server: Server,
     vad: SileroVad,
-    rng: random.Random,
     clip_id: str,
     sentence: np.ndarray,
     words: list[tuple[float, float]],
     k: int,
+    gap: float,
     turns_without_pause: int,
     baseline_without_pause: dict[int, int],
 ) -> PauseSession:
-    """The sentence with a 300-800 ms pause after its word `k`."""
+    """The sentence with a pause of `gap` seconds after its word `k`."""
     at = (words[k][1] + words[k + 1][0]) / 2  # the middle of the gap between two words
-    gap = rng.uniform(0.3, 0.8)
     cut = int(at * SAMPLE_RATE)
     paused = np.concatenate(
         [silence(LEAD_SILENCE), sentence[:cut], silence(gap), sentence[cut:], silence(TAIL_SILENCE)]
@@ -298,6 +297,7 @@ def header(args: argparse.Namespace, load_before: tuple[float, float, float]) ->
             k: v for k, v in os.environ.items() if k.startswith("STENOGRAPH_") and not k.endswith("_DIR")
         },
         "chunk_ms": args.chunk_ms,
+        "pause_ms": list(args.pause_ms),
     }
 
 
@@ -403,7 +403,8 @@ def measure(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
             baseline = {ms: baseline_turns(vad, full, ms) for ms in BASELINE_SILENCE_MS}
             turns = latency[-1].turns
             for k in pause_places(rng, words, args.pauses):
-                pauses.append(pause_session(server, vad, rng, clip.id, sentence, words, k, turns, baseline))
+                gap = rng.uniform(*args.pause_ms) / 1000
+                pauses.append(pause_session(server, vad, clip.id, sentence, words, k, gap, turns, baseline))
             print(
                 f"{clip.id}: end {latency[-1].end_latency}, eager {latency[-1].eager_latency}, "
                 f"turns {turns}; pauses -> {[p.turns for p in pauses[-args.pauses :]]} turns",
@@ -453,15 +454,13 @@ def compare(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
             sentence, speech_end = sentence_audio(args, vad, clip, words)
             full = streamed(sentence)
             baseline = {ms: baseline_turns(vad, full, ms) for ms in BASELINE_SILENCE_MS}
-            places = [(k, rng.random()) for k in pause_places(rng, words, args.pauses)]
+            places = [(k, rng.uniform(*args.pause_ms) / 1000) for k in pause_places(rng, words, args.pauses)]
             for name in list(arms) if i % 2 == 0 else list(arms)[::-1]:
                 server = servers[name]
                 latency[name].append(latency_session(server, clip, full, speech_end, args.chunk_ms / 1000))
                 turns = latency[name][-1].turns
-                for k, seed in places:
-                    pause = pause_session(
-                        server, vad, random.Random(seed), clip.id, sentence, words, k, turns, baseline
-                    )
+                for k, gap in places:
+                    pause = pause_session(server, vad, clip.id, sentence, words, k, gap, turns, baseline)
                     pauses[name].append(pause)
             print(
                 clip.id,
@@ -503,6 +502,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--pauses", type=int, default=3, help="pause sessions per sentence")
     parser.add_argument("--ending", choices=("natural", "trimmed"), default="natural")
+    parser.add_argument(
+        "--pause-ms",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=(300, 800),
+        help="range of the inserted pauses, e.g. 1000,2000 for thinking pauses (default 300,800)",
+    )
     parser.add_argument("--chunk-ms", type=int, default=int(CHUNK * 1000), help="audio per message")
     parser.add_argument("--device", choices=sorted(COMPUTE_TYPE), default="cpu")
     parser.add_argument("--sweep", default="", help="concurrent sessions, e.g. 1,2,4,8 (capacity only)")
