@@ -316,8 +316,8 @@ def repaired(tokenizer: BpeTokenizer) -> BpeTokenizer:
     lacks (49,999 merges, starting at the second). Decoding is unaffected, but without it every word that
     starts with "t" is encoded as a lone space and the rest (" the" as " ", "the"), in each prompt, forced
     prefix and key term: text Whisper never produces, and two decoder steps instead of one for each such
-    word in a prefix (~13 ms more per pause decode; README). The file stays as pinned: the merge is restored
-    in memory."""
+    word in a prefix (~13 ms more per pause decode; docs/turn-detection-log.md). The file stays as pinned:
+    the merge is restored in memory."""
     state = json.loads(tokenizer.to_str())
     merges = state["model"]["merges"]
     pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
@@ -409,7 +409,7 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         # numpy's BLAS only serves the feature extractors' small matrix products, but with a thread per core
         # its idle worker spins after each one, taking most of a core from the models on a 2-core machine: a
-        # pause decode beside a Smart Turn score took 271 instead of 215 ms (README, "Turn detection").
+        # pause decode beside a Smart Turn score took 271 instead of 215 ms (docs/turn-detection-log.md).
         threadpool_limits(1, user_api="blas")
         self.settings = settings
         self.scheduler = Scheduler(settings.workers, settings.max_queued_jobs)

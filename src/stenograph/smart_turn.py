@@ -10,7 +10,7 @@ features to within 7e-6 (float32 rounding), so we reuse it instead of keeping a 
 
 The model reacts to prosody more than to words: a falling pitch on a complete sentence reads as "done", a
 trailing "and..." as "not done". One session is shared by every stream; one intra-op thread per call, since
-a call costs ~40 ms on one thread and the server runs many streams on few cores (see the README).
+a call costs ~40 ms on one thread and the server runs many streams on few cores (docs/turn-detection-log.md).
 """
 
 from __future__ import annotations
