@@ -339,10 +339,13 @@ def bench_server(args: argparse.Namespace, env: dict[str, str] | None = None) ->
     return Server(ROOT / "models", workers=2, cpu_threads=1, beam_size=5, device=args.device, env=env)
 
 
-def pause_places(rng: random.Random, words: list, pauses: int) -> list[int]:
-    """Word boundaries in the middle of the sentence (not the first or last two words) for `pauses`
-    inserted pauses, each at a different one."""
-    return rng.sample(range(2, len(words) - 2), min(pauses, len(words) - 4))
+def pause_places(
+    rng: random.Random, words: list, pauses: int, pause_ms: tuple[int, int]
+) -> list[tuple[int, float]]:
+    """`pauses` inserted pauses, as (word boundary, seconds): each at a different boundary in the middle of
+    the sentence (not the first or last two words), each as long as drawn from the `pause_ms` range."""
+    places = rng.sample(range(2, len(words) - 2), min(pauses, len(words) - 4))
+    return [(k, rng.uniform(*pause_ms) / 1000) for k in places]
 
 
 def latency_session(
@@ -402,8 +405,7 @@ def measure(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
                     baseline_lat[str(ms)].append(lat)
             baseline = {ms: baseline_turns(vad, full, ms) for ms in BASELINE_SILENCE_MS}
             turns = latency[-1].turns
-            for k in pause_places(rng, words, args.pauses):
-                gap = rng.uniform(*args.pause_ms) / 1000
+            for k, gap in pause_places(rng, words, args.pauses, args.pause_ms):
                 pauses.append(pause_session(server, vad, clip.id, sentence, words, k, gap, turns, baseline))
             print(
                 f"{clip.id}: end {latency[-1].end_latency}, eager {latency[-1].eager_latency}, "
@@ -454,7 +456,7 @@ def compare(args: argparse.Namespace, clips: list[Clip], vad: SileroVad, rng: ra
             sentence, speech_end = sentence_audio(args, vad, clip, words)
             full = streamed(sentence)
             baseline = {ms: baseline_turns(vad, full, ms) for ms in BASELINE_SILENCE_MS}
-            places = [(k, rng.uniform(*args.pause_ms) / 1000) for k in pause_places(rng, words, args.pauses)]
+            places = pause_places(rng, words, args.pauses, args.pause_ms)
             for name in list(arms) if i % 2 == 0 else list(arms)[::-1]:
                 server = servers[name]
                 latency[name].append(latency_session(server, clip, full, speech_end, args.chunk_ms / 1000))

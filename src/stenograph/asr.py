@@ -382,8 +382,10 @@ def _loop_cut(tokenizer: Tokenizer, tokens: list[int]) -> int | None:
         if tuple(plain[i : i + LOOP_GRAM_WORDS]) in seen:
             repeat = i
             break
-    ends = [k for k in range(repeat or 0) if said[k].endswith(SENTENCE_ENDS)]
-    if repeat is None or not ends:
+    if repeat is None:
+        return None
+    ends = [k for k in range(repeat) if said[k].endswith(SENTENCE_ENDS)]
+    if not ends:
         return None
     keep = said[: ends[-1] + 1]
     for n in range(1, len(tokens) + 1):
